@@ -1,0 +1,209 @@
+"""The Llama-2 / Vicuna decoder, written out in plain PyTorch.
+
+Matches HF `LlamaForCausalLM`
+(https://github.com/huggingface/transformers/blob/main/src/transformers/models/llama/modeling_llama.py):
+RMSNorm, rotary position embeddings in the `rotate_half` convention, SwiGLU MLP, grouped-query
+attention when `n_kv_heads < n_heads`, no biases, an untied `lm_head`.
+
+Attention goes through `F.scaled_dot_product_attention`. Without a mask it runs causal
+(`is_causal=True`, flash kernels on GPU); with a mask (padding, KV cache) it takes a boolean
+(B, 1, T, S) mask where True means "may attend". The optional static KV cache (gpt-fast style) is
+preallocated per layer and written at `cache_pos`.
+"""
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None: same as n_heads (no GQA)
+    intermediate_size: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"dim {self.dim}, n_heads {self.n_heads} and n_kv_heads {self.n_kv_heads} do not divide")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_name(cls, name: str) -> "LlamaConfig":
+        """The config of a named model in LLAMA_CONFIGS."""
+        if name not in LLAMA_CONFIGS:
+            raise ValueError(f"unknown Llama config {name!r}; known: {', '.join(LLAMA_CONFIGS)}")
+        return cls(**LLAMA_CONFIGS[name])
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "LlamaConfig":
+        """The config from the Llama fields of an HF `config.json`."""
+        return cls(
+            vocab_size=hf["vocab_size"],
+            dim=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=hf["num_attention_heads"],
+            n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            intermediate_size=hf["intermediate_size"],
+            norm_eps=hf.get("rms_norm_eps", 1e-5),
+            rope_theta=hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0),
+            max_seq_len=hf.get("max_position_embeddings", 4096),
+        )
+
+    def to_dict(self) -> dict:
+        """Plain dict, for our own config.json."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+LLAMA_CONFIGS = {
+    "vicuna-7b": dict(dim=4096, n_layers=32, n_heads=32, intermediate_size=11008),
+    "vicuna-13b": dict(dim=5120, n_layers=40, n_heads=40, intermediate_size=13824),
+}
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 like HF `LlamaRMSNorm`."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos and sin tables (B, 1, T, head_dim) for integer positions (B, T), in HF's layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, head_dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) queries or keys: x * cos + rotate_half(x) * sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache(nn.Module):
+    """A static per-layer key/value cache (B, n_kv_heads, max_seq_len, head_dim) written at cache_pos."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, H, T, D) at slots cache_pos (T,); return the whole cache."""
+        self.k.index_copy_(2, cache_pos, k)
+        self.v.index_copy_(2, cache_pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask=None, cache_pos=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None and cache_pos is not None:
+            k, v = self.kv_cache.update(cache_pos, k, v)  # (B, Hkv, S, D)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+        )  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None, cache_pos=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache_pos)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    """Token embeddings -> decoder blocks -> final norm -> lm_head."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None):
+        """Preallocate a static KV cache of max_seq_len slots in every layer."""
+        if max_seq_len > self.cfg.max_seq_len:
+            raise ValueError(f"cache of {max_seq_len} positions exceeds the context of {self.cfg.max_seq_len}")
+        weight = self.embed_tokens.weight
+        for layer in self.layers:
+            layer.attn.kv_cache = KVCache(
+                batch_size, self.cfg.n_kv_heads, max_seq_len, self.cfg.head_dim, dtype or weight.dtype, device or weight.device
+            )
+
+    def clear_cache(self):
+        """Drop the KV caches (back to plain full-sequence forward)."""
+        for layer in self.layers:
+            layer.attn.kv_cache = None
+
+    def forward(self, embeds, positions=None, mask=None, cache_pos=None, last_only: bool = False):
+        """Logits (B, T, vocab) (or (B, 1, vocab) with last_only) for input embeddings (B, T, dim).
+
+        positions (B, T): rotary positions (default 0..T-1); mask (B, 1, T, S) bool, None for causal;
+        cache_pos (T,): KV-cache slots to write (needs setup_cache).
+        """
+        B, T, _ = embeds.shape
+        if positions is None:
+            positions = torch.arange(T, device=embeds.device).expand(B, T)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
+        x = embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache_pos)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
