@@ -1,0 +1,308 @@
+import io
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data import (  # noqa: E402
+    OBJECT_CLASSES, SCENE_CLASSES, SYNTH_TASKS, make_scene, synth_conversations, synth_main,
+    synth_qa, write_synthetic_dataset,
+)
+
+BOX_RE = re.compile(r"\{<(\d+)><(\d+)><(\d+)><(\d+)>\|<(\d+)>\}")
+SCENE_PROMPT = ("What is the scene of this image?\nClassify the image from the following classes: "
+                "farmland, water, desert, urban. Answer in one word or a short phrase.")
+VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
+
+
+def parse_boxes(text):
+    return [tuple(int(v) for v in m.groups()) for m in BOX_RE.finditer(text)]
+
+
+def inside_box(box, xs, ys, size, tol_px=1.0):
+    """Whether pixel centres (xs+0.5, ys+0.5) lie in the box rotated CCW on screen by θ (y down)."""
+    x1, y1, x2, y2, th = box
+    s = size / 100.0
+    cx, cy, hw, hh = (x1 + x2) / 2 * s, (y1 + y2) / 2 * s, (x2 - x1) / 2 * s, (y2 - y1) / 2 * s
+    dx, dy = xs + 0.5 - cx, ys + 0.5 - cy
+    c, sn = math.cos(math.radians(th)), math.sin(math.radians(th))
+    u = dx * c - dy * sn          # inverse of x = cx + u c + v s, y = cy - u s + v c
+    v = dx * sn + dy * c
+    return (np.abs(u) <= hw + tol_px) & (np.abs(v) <= hh + tol_px)
+
+
+def png_bytes(img):
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def test_determinism():
+    for seed in (0, 7, 123456):
+        a_img, a_ann = make_scene(seed)
+        b_img, b_ann = make_scene(seed)
+        assert png_bytes(a_img) == png_bytes(b_img)
+        assert a_ann == b_ann
+        assert a_img.size == (128, 128) and a_img.mode == "RGB"
+    assert png_bytes(make_scene(1)[0]) != png_bytes(make_scene(2)[0])
+    assert make_scene(3, size=64)[0].size == (64, 64)
+
+
+def test_box_convention_direction():
+    # a long thin box at 90 deg: its long side (w) must point up/down on screen
+    box = (40, 48, 60, 52, 90)
+    ys, xs = np.mgrid[0:100, 0:100]
+    m = inside_box(box, xs, ys, 100, tol_px=0)
+    assert m[40:60, 50].all() and not m[50, 40:45].any()
+    # at 30 deg CCW on screen (y down) the right end of the long axis moves UP
+    box = (30, 48, 70, 52, 30)
+    m = inside_box(box, xs, ys, 100, tol_px=0)
+    end_x, end_y = 50 + 20 * math.cos(math.radians(30)), 50 - 20 * math.sin(math.radians(30))
+    assert m[int(end_y) + 1, int(end_x) - 1]
+    assert not m[int(50 + 20 * math.sin(math.radians(30))), int(end_x) - 1]
+
+
+def test_objects_inside_polygons_and_colours_present():
+    n_obj = 0
+    for seed in range(120):
+        img, ann = make_scene(seed)
+        bg, ann2 = make_scene(seed, draw_objects=False)
+        assert ann == ann2
+        a, b = np.asarray(img), np.asarray(bg)
+        diff = np.any(a != b, axis=-1)
+        ys, xs = np.nonzero(diff)
+        union = np.zeros(len(xs), bool)
+        for o in ann["objects"]:
+            n_obj += 1
+            (box,) = parse_boxes(o["box"])
+            assert list(box) == o["grid"]
+            inside = inside_box(box, xs, ys, ann["size"], tol_px=1e-6)  # exact raster
+            union |= inside
+            # the object was drawn: enough changed pixels in its box
+            x1, y1, x2, y2, _ = box
+            area_px = (x2 - x1) * (y2 - y1) * (ann["size"] / 100) ** 2
+            assert inside.sum() >= 0.25 * area_px, (seed, o)
+            # its main colour is present inside its polygon
+            gy, gx = np.mgrid[0:ann["size"], 0:ann["size"]]
+            poly = inside_box(box, gx, gy, ann["size"], tol_px=0.5)
+            col = np.all(a == np.array(o["color"], np.uint8), axis=-1)
+            assert (col & poly).sum() >= 0.1 * area_px, (seed, o)
+            # rbox agrees with the grid box
+            cx, cy, w, h, th = o["rbox"]
+            s = ann["size"] / 100
+            assert (cx, cy, w, h, th) == pytest.approx(((x1 + x2) / 2 * s, (y1 + y2) / 2 * s,
+                                                         (x2 - x1) * s, (y2 - y1) * s, box[4]))
+        assert union.all(), (seed, "object pixels outside every polygon")
+    assert n_obj > 150
+
+
+def test_scene_consistency_and_layout():
+    scenes, classes = set(), set()
+    for seed in range(300):
+        _, ann = make_scene(seed)
+        scenes.add(ann["scene"])
+        assert ann["scene"] in SCENE_CLASSES
+        assert len(ann["objects"]) <= 3
+        for o in ann["objects"]:
+            classes.add(o["class"])
+            assert o["class"] in OBJECT_CLASSES
+            assert (o["class"] == "ship") == (ann["scene"] == "water")
+            x1, y1, x2, y2, th = o["grid"]
+            assert 0 <= x1 < x2 <= 100 and 0 <= y1 < y2 <= 100 and 0 <= th < 90
+            if o["class"] == "storage tank":
+                assert th == 0 and x2 - x1 == y2 - y1
+            # rotated corners inside the image
+            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+            c, sn = math.cos(math.radians(th)), math.sin(math.radians(th))
+            for u, v in ((-1, -1), (1, -1), (1, 1), (-1, 1)):
+                u, v = u * (x2 - x1) / 2, v * (y2 - y1) / 2
+                px, py = cx + u * c + v * sn, cy - u * sn + v * c
+                assert -1e-6 <= px <= 100 + 1e-6 and -1e-6 <= py <= 100 + 1e-6
+    assert scenes == set(SCENE_CLASSES)
+    assert classes == set(OBJECT_CLASSES)
+
+
+def _boxes_well_formed(text):
+    stripped = BOX_RE.sub("", text)
+    assert "{" not in stripped and "}" not in stripped, text
+    for b in parse_boxes(text):
+        assert all(0 <= v <= 100 for v in b[:4]) and 0 <= b[4] < 90
+
+
+def test_vqa_balance_and_counts():
+    import random
+    answers = {"presence": [], "comparison": []}
+    for seed in range(200):
+        _, ann = make_scene(seed)
+        counts = {c: sum(o["class"] == c for o in ann["objects"]) for c in OBJECT_CLASSES}
+        rng = random.Random(10**6 + seed)  # not the scene seed: avoid correlated streams
+        for task in ("presence", "count", "comparison"):
+            if task == "comparison" and not ann["objects"]:
+                continue
+            q, a = synth_qa(ann, task, rng)
+            assert q.endswith(VQA_SUFFIX)
+            if task == "presence":
+                cls = re.match(r"Is there a (.+) in the image\?", q).group(1)
+                assert a == ("Yes" if counts[cls] else "No")
+            elif task == "count":
+                plural = re.match(r"How many (.+) are there in the image\?", q).group(1)
+                cls = [c for c in OBJECT_CLASSES if c + "s" == plural][0]
+                assert a == str(counts[cls])
+            else:
+                pa, pb = re.match(r"Are there more (.+) than (.+)\?", q).groups()
+                ca = [c for c in OBJECT_CLASSES if c + "s" == pa][0]
+                cb = [c for c in OBJECT_CLASSES if c + "s" == pb][0]
+                assert a == ("Yes" if counts[ca] > counts[cb] else "No")
+            if task in answers:
+                answers[task].append(a == "Yes")
+    for task, v in answers.items():
+        frac = sum(v) / len(v)
+        assert 0.4 <= frac <= 0.6, (task, frac)
+
+
+def test_conversations_format_and_tasks():
+    seen = set()
+    for seed in range(40):
+        _, ann = make_scene(seed)
+        recs = synth_conversations(ann, "img_%d.png" % seed, n_records=7, multi_turn_prob=0.3)
+        assert len(recs) == 7
+        for r in recs:
+            conv = r["conversations"]
+            assert r["image"] == "img_%d.png" % seed and isinstance(r["id"], str)
+            assert len(conv) % 2 == 0 and 2 <= len(conv) <= 6
+            for k, t in enumerate(conv):
+                assert t["from"] == ("human" if k % 2 == 0 else "gpt")
+                assert t["value"].startswith("<image>\n") == (k == 0)
+                _boxes_well_formed(t["value"])
+            for h in conv[0::2]:
+                q = h["value"].replace("<image>\n", "")
+                if q.startswith("[grounding] "):
+                    seen.add("grounding")
+                elif q.startswith("[refer] Give me the location of <p> "):
+                    seen.add("refer")
+                elif q.startswith("[identify] What is the object present at {"):
+                    seen.add("identify")
+                elif q == SCENE_PROMPT:
+                    seen.add("scene")
+                elif q.startswith("Is there a"):
+                    seen.add("presence")
+                elif q.startswith("How many"):
+                    seen.add("count")
+                elif q.startswith("Are there more"):
+                    seen.add("comparison")
+                else:
+                    raise AssertionError(q)
+    assert seen == set(SYNTH_TASKS)
+
+
+def test_grounded_description_and_refer():
+    import random
+    for seed in range(60):
+        _, ann = make_scene(seed)
+        q, a = synth_qa(ann, "grounding", random.Random(0))
+        assert q == "[grounding] Describe the image in detail."
+        assert a.startswith("The image shows ") and a.endswith(".")
+        assert sorted(parse_boxes(a)) == sorted(tuple(o["grid"]) for o in ann["objects"])
+        if ann["objects"]:
+            q, a = synth_qa(ann, "refer", random.Random(seed))
+            expr = re.match(r"\[refer\] Give me the location of <p> (.+) </p>$", q).group(1)
+            boxes = parse_boxes(a)
+            assert BOX_RE.sub("", a) == ""
+            if expr.startswith("the "):
+                cls = expr[4:]
+                objs = [o for o in ann["objects"] if o["class"] == cls]
+                assert len(objs) == 1 and boxes == [tuple(objs[0]["grid"])]
+            else:
+                cls = [c for c in OBJECT_CLASSES if "all " + c + "s" == expr][0]
+                objs = [o for o in ann["objects"] if o["class"] == cls]
+                assert len(objs) >= 2 and boxes == [tuple(o["grid"]) for o in objs]
+            q, a = synth_qa(ann, "identify", random.Random(seed))
+            (box,) = parse_boxes(q)
+            (o,) = [o for o in ann["objects"] if tuple(o["grid"]) == box]
+            assert a == "A %s." % o["class"]
+
+
+def test_write_dataset_and_bench_files(tmp_path):
+    paths = synth_main(["--out", str(tmp_path / "ds"), "--n-train", "30", "--n-test", "40",
+                        "--seed", "3", "--size", "128"])
+    for k in ("train", "test", "scene", "vqa", "referring", "region_captioning", "corpus"):
+        assert Path(paths[k]).exists(), k
+    train = json.loads(Path(paths["train"]).read_text())
+    assert len(train) == 30 * 7
+    names = {p.name for p in Path(paths["images"]).glob("*.png")}
+    assert len(names) == 70
+    assert all(r["image"] in names for r in train)
+    ann = {}
+    for line in Path(paths["annotations"]).read_text().splitlines():
+        a = json.loads(line)
+        ann[a["image"]] = a
+
+    def jl(k):
+        return [json.loads(l) for l in Path(paths[k]).read_text().splitlines()]
+
+    scene = jl("scene")
+    assert len(scene) == 40
+    for d in scene:
+        assert set(d) == {"question_id", "image", "text", "ground_truth"}
+        assert d["image"].startswith("test_") and d["text"] == SCENE_PROMPT
+        assert d["question_id"].split("/")[0] == d["ground_truth"] == ann[d["image"]]["scene"]
+    vqa = jl("vqa")
+    assert {d["category"] for d in vqa} == {"presence", "count", "comparison"}
+    for d in vqa:
+        assert set(d) == {"question_id", "image", "text", "category", "ground_truth"}
+        assert d["text"].endswith(VQA_SUFFIX)
+        if d["category"] == "count":
+            assert d["ground_truth"].isdigit()
+        else:
+            assert d["ground_truth"] in ("yes", "no")
+    ref = jl("referring")
+    assert {d["type"] for d in ref} == {"ref", "grounding"}
+    for d in ref:
+        assert set(d) == {"question_id", "image_id", "image", "question", "ground_truth", "type",
+                          "obj_ids", "size_group", "dataset"}
+        assert d["question"].startswith("[refer] Give me the location of <p> ")
+        assert d["size_group"] in ("small", "medium", "large") and d["dataset"] == "synthetic"
+        objs = ann[d["image"]]["objects"]
+        targets = [objs[i] for i in d["obj_ids"]]
+        assert parse_boxes(d["ground_truth"]) == [tuple(o["grid"]) for o in targets]
+        cls = {o["class"] for o in targets}
+        assert len(cls) == 1
+        # the expression picks out exactly its targets: all objects of that class
+        assert len(targets) == sum(o["class"] in cls for o in objs)
+        assert (d["type"] == "ref") == (len(targets) == 1)
+    qids = [d["question_id"] for d in vqa + ref + jl("region_captioning")]
+    assert len(set(qids)) == len(qids)
+    for d in jl("region_captioning"):
+        assert set(d) == {"question_id", "image", "question", "ground_truth"}
+        (box,) = parse_boxes(d["question"])
+        (o,) = [o for o in ann[d["image"]]["objects"] if tuple(o["grid"]) == box]
+        assert d["ground_truth"] == "A %s." % o["class"]
+    corpus = Path(paths["corpus"]).read_text()
+    assert "[grounding] Describe the image in detail." in corpus and "ASSISTANT:" in corpus
+    # a second run gives byte-identical files
+    paths2 = write_synthetic_dataset(tmp_path / "ds2", 30, 40, seed=3, workers=2)
+    for k in ("train", "vqa", "referring", "corpus"):
+        assert Path(paths[k]).read_bytes() == Path(paths2[k]).read_bytes(), k
+    for n in sorted(names)[:10]:
+        assert (Path(paths["images"]) / n).read_bytes() == (Path(paths2["images"]) / n).read_bytes()
+
+
+def test_training_records_balanced():
+    yes = {"Is there": [], "Are there more": []}
+    for seed in range(300):
+        _, ann = make_scene(seed)
+        for r in synth_conversations(ann, "x.png", n_records=7, rng_seed=1):
+            conv = r["conversations"]
+            for h, g in zip(conv[0::2], conv[1::2]):
+                for k in yes:
+                    if h["value"].replace("<image>\n", "").startswith(k):
+                        assert g["value"] in ("Yes", "No")
+                        yes[k].append(g["value"] == "Yes")
+    for k, v in yes.items():
+        assert len(v) > 200 and 0.42 <= sum(v) / len(v) <= 0.58, (k, sum(v) / len(v))
