@@ -162,9 +162,9 @@ class Tokenizer:
         return ids
 
     def decode(self, ids):
-        """Ids -> text, skipping negative ids and special tokens (like skip_special_tokens=True)."""
+        """Ids -> text, skipping special tokens and ids outside the vocabulary (a model's padded embedding rows)."""
         skip = set(self.special_ids.values()) | {self.pad_id}
-        return self.sp.decode([int(i) for i in ids if int(i) >= 0 and int(i) not in skip])
+        return self.sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size and int(i) not in skip])
 
     def token_to_piece(self, token_id):
         """The SentencePiece piece of one id, e.g. "▁the" or "<0x0A>"."""
@@ -610,11 +610,8 @@ SYNTH_GAP_GRID = 2.0        # and this far from each other (grid units)
 SYNTH_SIZE_SMALL_MAX = 150   # area < 150 -> "small" (vehicles, small tanks)
 SYNTH_SIZE_MEDIUM_MAX = 400  # 150 <= area < 400 -> "medium"; otherwise "large"
 
-SYNTH_SCENE_QUESTION = "What is the scene of this image?"
-SYNTH_SCENE_PROMPT = (SYNTH_SCENE_QUESTION + "\nClassify the image from the following classes: "
-                      + ", ".join(SCENE_CLASSES) + ". Answer in one word or a short phrase.")
-SYNTH_VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
-SYNTH_GROUNDING_PROMPT = "[grounding] Describe the image in detail."
+SYNTH_SCENE_PROMPT = task_prompt("scene", classes=SCENE_CLASSES)
+SYNTH_GROUNDING_PROMPT = task_prompt("grounding")
 SYNTH_SYSTEM_PROMPTS = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions.",
@@ -927,16 +924,6 @@ def synth_refer_targets(ann):
     return out
 
 
-def synth_refer_prompt(expression):
-    """The referring task prompt for an expression."""
-    return "[refer] Give me the location of <p> %s </p>" % expression
-
-
-def synth_identify_prompt(box):
-    """The region-caption task prompt for a box string."""
-    return "[identify] What is the object present at %s" % box
-
-
 def synth_caption(cls):
     """The region caption of an object class (the one form used everywhere): 'A ship.'."""
     return "A %s." % cls
@@ -1001,15 +988,15 @@ def synth_qa(ann, task, rng):
         return SYNTH_GROUNDING_PROMPT, synth_grounded_description(ann)
     if task == "refer":
         expr, ids = rng.choice(synth_refer_targets(ann))
-        return synth_refer_prompt(expr), "".join(ann["objects"][i]["box"] for i in ids)
+        return task_prompt("refer", expression=expr), "".join(ann["objects"][i]["box"] for i in ids)
     if task == "identify":
         o = rng.choice(ann["objects"])
-        return synth_identify_prompt(o["box"]), synth_caption(o["class"])
+        return task_prompt("identify", box=o["box"]), synth_caption(o["class"])
     if task in ("presence", "count", "comparison"):
         fn = {"presence": _synth_presence, "count": _synth_count,
               "comparison": _synth_comparison}[task]
         q, a = fn(ann, rng)
-        return q + SYNTH_VQA_SUFFIX, a
+        return task_prompt("vqa", question=q), a
     if task == "scene":
         return SYNTH_SCENE_PROMPT, ann["scene"]
     raise ValueError(f"unknown task {task!r}")
@@ -1050,20 +1037,20 @@ def synth_bench_items(ann, image_name, rng_seed=0, start_qid=0):
         if qa is None:
             continue
         out["vqa"].append({"question_id": qid, "image": image_name,
-                           "text": qa[0] + SYNTH_VQA_SUFFIX, "category": cat,
+                           "text": task_prompt("vqa", question=qa[0]), "category": cat,
                            "ground_truth": qa[1].lower()})
         qid += 1
     for expr, ids in synth_refer_targets(ann):
         out["referring"].append({
             "question_id": qid, "image_id": stem, "image": image_name,
-            "question": synth_refer_prompt(expr),
+            "question": task_prompt("refer", expression=expr),
             "ground_truth": "".join(ann["objects"][i]["box"] for i in ids),
             "type": "ref" if len(ids) == 1 else "grounding", "obj_ids": ids,
             "size_group": _synth_size_group(ann, ids), "dataset": "synthetic"})
         qid += 1
     for o in ann["objects"]:
         out["region_captioning"].append({"question_id": qid, "image": image_name,
-                                         "question": synth_identify_prompt(o["box"]),
+                                         "question": task_prompt("identify", box=o["box"]),
                                          "ground_truth": synth_caption(o["class"])})
         qid += 1
     return out, qid
@@ -1185,7 +1172,7 @@ def train_tokenizer(corpus, out_model, vocab_size=2000):
     sentencepiece.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(out_model.with_suffix("")), model_type="bpe", vocab_size=vocab_size,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, split_digits=True, add_dummy_prefix=True,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, character_coverage=1.0,
+        normalization_rule_name="identity", hard_vocab_limit=False, remove_extra_whitespaces=False, character_coverage=1.0,
         max_sentence_length=100000, minloglevel=2,
     )
     out_model.with_suffix(".vocab").unlink(missing_ok=True)

@@ -135,6 +135,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and cache_pos is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)  # (B, Hkv, S, D)
+            if mask is not None and mask.shape[-1] < k.shape[2]:  # attend only to the slots the mask covers
+                k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
         )  # (B, H, T, D)
@@ -195,7 +197,8 @@ class Llama(nn.Module):
         """Logits (B, T, vocab) (or (B, 1, vocab) with last_only) for input embeddings (B, T, dim).
 
         positions (B, T): rotary positions (default 0..T-1); mask (B, 1, T, S) bool, None for causal;
-        cache_pos (T,): KV-cache slots to write (needs setup_cache).
+        cache_pos (T,): KV-cache slots to write (needs setup_cache); then the mask's last dimension S
+        says how many leading cache slots are attended to.
         """
         B, T, _ = embeds.shape
         if positions is None:

@@ -8,9 +8,6 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-IMAGE_TOKEN_HF = 250  # llava-hf's image token id in the tiny vocab
-
-
 def tiny_llava(seed=0, gqa=False, image_size=56, patch_size=14, vision_layers=3, vocab_size=256, dim=64, n_layers=2):
     """A random LlavaForConditionalGeneration (fp32, eval) with tiny CLIP and Llama configs."""
     torch.manual_seed(seed)
@@ -24,7 +21,8 @@ def tiny_llava(seed=0, gqa=False, image_size=56, patch_size=14, vision_layers=3,
         initializer_range=0.1, rms_norm_eps=1e-5,
     )
     cfg = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN_HF, projector_hidden_act="gelu",
+        vision_config=vision, text_config=text, image_token_index=vocab_size - 1,  # the last id: never produced by the test tokenizers
+        projector_hidden_act="gelu",
         vision_feature_layer=-2, vision_feature_select_strategy="default",
     )
     model = LlavaForConditionalGeneration(cfg).eval()
@@ -123,16 +121,21 @@ def write_release(model, out: Path, fmt="safetensors", clip_dir=None, embed_visi
     return out
 
 
-def hf_logits(model, ids_with_placeholder: torch.Tensor, images: torch.Tensor, attention_mask=None) -> torch.Tensor:
-    """HF logits for our (B, T) ids holding -200 once per row: the placeholder expanded to n_patches HF image tokens."""
+def hf_inputs(model, ids_with_placeholder: torch.Tensor, attention_mask=None):
+    """HF input_ids and attention_mask for our (B, T) ids holding -200 once per row (expanded to n_patches image tokens)."""
     n_patches = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
     rows, masks = [], []
     for b in range(ids_with_placeholder.shape[0]):
         ids = ids_with_placeholder[b].tolist()
         m = [1] * len(ids) if attention_mask is None else attention_mask[b].long().tolist()
         i = ids.index(-200)
-        rows.append(ids[:i] + [IMAGE_TOKEN_HF] * n_patches + ids[i + 1:])
+        rows.append(ids[:i] + [model.config.image_token_index] * n_patches + ids[i + 1:])
         masks.append(m[:i] + [m[i]] * n_patches + m[i + 1:])
+    return torch.tensor(rows), torch.tensor(masks)
+
+
+def hf_logits(model, ids_with_placeholder: torch.Tensor, images: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    """HF logits for our (B, T) ids holding -200 once per row."""
+    input_ids, mask = hf_inputs(model, ids_with_placeholder, attention_mask)
     with torch.no_grad():
-        out = model(input_ids=torch.tensor(rows), pixel_values=images, attention_mask=torch.tensor(masks))
-    return out.logits
+        return model(input_ids=input_ids, pixel_values=images, attention_mask=mask).logits

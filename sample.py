@@ -1,0 +1,411 @@
+"""Chat with GeoChat about aerial images: every task, streamed answers, boxes drawn on the image.
+
+    python sample.py --image x.png --task grounding --out boxes.png
+    python sample.py --checkpoint DIR --image a.png --image b.png --task vqa --prompt "Is there a ship?"
+    python sample.py --image x.png --task chat --interactive
+
+The engine (gpt-fast style): a static KV cache per layer written at explicit slots, one prefill of
+the whole (left-padded) batch, then one-token decode steps that can be `torch.compile`d without
+graph breaks. Greedy at temperature 0, otherwise temperature / top-k / top-p sampling with a seed.
+"""
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import data
+from geochat import GeoChat
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "baby-geochat"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DEFAULT_QUESTIONS = {"vqa": "What is in the image?", "chat": "Describe the image in detail."}
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+@dataclass
+class Generation:
+    token_ids: list  # generated ids, without the stop token
+    text: str
+    prefill_ms: float
+    decode_tokens_per_s: float
+
+
+def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """Next token ids (B,) from logits (B, V): argmax at temperature 0, else a filtered random draw."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p (always the first)
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def decode_step(llm, tokens, positions, cache_pos, key_valid):
+    """Logits (B, V) of one new token per row (B, 1) at rotary positions (B, 1), written at cache slot cache_pos (1,)."""
+    mask = key_valid[:, None, None, :]  # (B, 1, 1, S): every filled slot of the row
+    return llm(llm.embed_tokens(tokens), positions, mask, cache_pos)[:, -1]
+
+
+class Session:
+    """A batch of conversations sharing a static KV cache: prefill blocks of embeddings, then decode token by token."""
+
+    def __init__(self, model: GeoChat, batch_size: int, capacity: int, compiled_step=None):
+        self.model, self.llm = model, model.llm
+        self.capacity = capacity
+        device = model.llm.embed_tokens.weight.device
+        self.llm.setup_cache(batch_size, capacity)
+        self.key_valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)  # (B, S) filled slots
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) rotary position
+        self.length = 0  # slots used
+        self.step_fn = compiled_step or decode_step
+        self.static_shapes = compiled_step is not None
+
+    def prefill(self, embeds, attention_mask):
+        """Append embeddings (B, T, D) with padding mask (B, T); return the logits (B, V) after the last one."""
+        T = embeds.shape[1]
+        if self.length + T > self.capacity:
+            raise PromptTooLong(f"the conversation needs {self.length + T} positions but the context holds {self.capacity}")
+        start, end = self.length, self.length + T
+        slots = torch.arange(end, device=embeds.device)
+        self.key_valid[:, start:end] = attention_mask
+        positions = self.next_position[:, None] + attention_mask.long().cumsum(-1) - 1  # (B, T)
+        causal = slots[None, :] <= slots[start:end, None]  # (T, end)
+        mask = self.key_valid[:, None, None, :end] & causal  # (B, 1, T, end)
+        mask = mask | (slots[None, :] == slots[start:end, None])  # a padding row sees itself: no NaN
+        logits = self.llm(embeds, positions.clamp_min(0), mask, slots[start:end], last_only=True)[:, -1]
+        self.next_position += attention_mask.long().sum(-1)
+        self.length = end
+        return logits
+
+    def decode(self, tokens):
+        """Feed one token per row (B,); return the next logits (B, V)."""
+        if self.length >= self.capacity:
+            raise PromptTooLong(f"the conversation reached the context of {self.capacity} positions")
+        slot = self.length
+        self.key_valid[:, slot] = True
+        key_valid = self.key_valid if self.static_shapes else self.key_valid[:, : slot + 1]
+        cache_pos = torch.tensor([slot], device=tokens.device)
+        logits = self.step_fn(self.llm, tokens[:, None], self.next_position[:, None], cache_pos, key_valid)
+        self.next_position += 1
+        self.length += 1
+        return logits
+
+
+class Engine:
+    """Greedy or sampled generation for a loaded GeoChat and its tokenizer."""
+
+    def __init__(self, model: GeoChat, tokenizer: data.Tokenizer, compile: bool = False):
+        self.model, self.tokenizer = model, tokenizer
+        self.device = model.llm.embed_tokens.weight.device
+        self.context = model.cfg.llm.max_seq_len
+        self.compiled_step = None
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self.compiled_step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+
+    def embed_prompts(self, prompts_ids, images):
+        """Left-pad token lists into (B, T), splice images in: embeds (B, L, D) and mask (B, L)."""
+        T = max(len(p) for p in prompts_ids)
+        ids = torch.full((len(prompts_ids), T), self.tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(prompts_ids), T, dtype=torch.bool)
+        for b, p in enumerate(prompts_ids):
+            ids[b, T - len(p):] = torch.tensor(p)
+            mask[b, T - len(p):] = True
+        imgs = None if images is None else images.to(self.device)
+        embeds, mask, _ = self.model.embed_inputs(ids.to(self.device), imgs, mask.to(self.device), padding_side="left")
+        return embeds, mask
+
+    def new_session(self, batch_size, prompt_length, max_new_tokens):
+        """A session sized for the prompt and the token budget (the whole context when compiled)."""
+        if prompt_length >= self.context:
+            raise PromptTooLong(f"the prompt is {prompt_length} tokens (image tokens included) but the context holds {self.context}")
+        capacity = self.context if self.compiled_step is not None else min(self.context, prompt_length + max_new_tokens)
+        return Session(self.model, batch_size, capacity, self.compiled_step)
+
+    @torch.inference_mode()
+    def continue_generation(self, session, logits, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
+                            seed=None, on_token=None):
+        """Decode up to max_new_tokens per row after `logits`; stop rows at </s>. Returns ids per row (no stop token)."""
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed if seed is not None else torch.seed())
+        B = logits.shape[0]
+        eos = self.tokenizer.eos_id
+        finished = torch.zeros(B, dtype=torch.bool, device=self.device)
+        out = [[] for _ in range(B)]
+        budget = min(max_new_tokens, session.capacity - session.length)
+        for step in range(budget):
+            tokens = sample_next(logits, temperature, top_k, top_p, generator)
+            tokens = tokens.masked_fill(finished, eos)
+            finished |= tokens == eos
+            for b, t in enumerate(tokens.tolist()):
+                if t != eos:
+                    out[b].append(t)
+                    if on_token is not None:
+                        on_token(b, t)
+            if bool(finished.all()) or step == budget - 1:
+                break
+            logits = session.decode(tokens)
+        # the last sampled token of a row stopped by the budget was never fed: a next turn must feed it first
+        session.unfed = [[] if t == eos else [t] for t in tokens.tolist()] if budget else [[] for _ in range(B)]
+        return out
+
+    @torch.inference_mode()
+    def generate(self, prompts_ids, images=None, max_new_tokens=256, temperature=0.0, top_k=None, top_p=None,
+                 seed=None, on_token=None) -> list:
+        """Answer a batch of tokenised prompts (each holding one IMAGE_TOKEN_ID per image)."""
+        t0 = time.perf_counter()
+        embeds, mask = self.embed_prompts(prompts_ids, images)
+        session = self.new_session(len(prompts_ids), embeds.shape[1], max_new_tokens)
+        logits = session.prefill(embeds, mask)
+        self._sync()
+        t1 = time.perf_counter()
+        ids = self.continue_generation(session, logits, max_new_tokens, temperature, top_k, top_p, seed, on_token)
+        self._sync()
+        t2 = time.perf_counter()
+        steps = max(len(r) for r in ids)
+        rate = steps / (t2 - t1) if steps and t2 > t1 else 0.0
+        return [Generation(r, self.tokenizer.decode(r), (t1 - t0) * 1000, rate) for r in ids]
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------
+# Boxes on the image.
+
+PALETTE = ["#ff3b30", "#34c759", "#007aff", "#ffcc00", "#af52de", "#ff9500", "#5ac8fa", "#ff2d55"]
+
+
+def box_records(answer: str, width: int, height: int) -> list:
+    """The answer's boxes as dicts: label, x1, y1, x2, y2, angle (0-100 grid) and the polygon in original pixels."""
+    return [
+        {"label": b.label, "x1": b.x1, "y1": b.y1, "x2": b.x2, "y2": b.y2, "angle": b.angle,
+         "polygon": [[round(x, 2), round(y, 2)] for x, y in data.box_polygon(b, width, height)]}
+        for b in data.parse_boxes(answer)
+    ]
+
+
+def draw_boxes(image, boxes: list):
+    """A copy of the original image with each rotated box and its label drawn on it."""
+    from PIL import ImageDraw
+
+    canvas = image.convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    thickness = max(1, round(max(canvas.size) / 250))
+    colours = {}
+    for box in boxes:
+        colour = colours.setdefault(box["label"], PALETTE[len(colours) % len(PALETTE)])
+        points = [tuple(p) for p in box["polygon"]]
+        draw.line(points + points[:1], fill=colour, width=thickness)
+        if box["label"]:
+            x, y = min(points, key=lambda p: (p[1], p[0]))
+            left, top, right, bottom = draw.textbbox((x, y), box["label"])
+            draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=colour)
+            draw.text((x, y), box["label"], fill="black")
+    return canvas
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def pick_device(name: str) -> torch.device:
+    """The device for --device (auto: cuda, then mps, then cpu)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def default_dtype(device: torch.device) -> str:
+    """bfloat16 on CUDA, float16 on MPS, float32 on CPU."""
+    return {"cuda": "bfloat16", "mps": "float16"}.get(device.type, "float32")
+
+
+def load(checkpoint, device, dtype, lora=None, compile=False) -> Engine:
+    """Model (+ merged LoRA adapter) and tokenizer from a checkpoint directory, as an Engine."""
+    checkpoint = Path(checkpoint)
+    tokenizer = data.Tokenizer(checkpoint / "tokenizer.model")
+    model = GeoChat.from_pretrained(checkpoint, dtype=dtype, device=device)
+    if lora is not None:  # merged into the base weights (computed in float32): no per-token LoRA cost
+        import lora as lora_lib
+
+        lora_lib.load_adapter(model, lora)
+        lora_lib.merge_lora(model)
+    if tokenizer.vocab_size > model.cfg.llm.vocab_size:
+        raise ValueError(f"{checkpoint}: tokenizer has {tokenizer.vocab_size} tokens, the model only {model.cfg.llm.vocab_size}")
+    return Engine(model, tokenizer, compile=compile)
+
+
+def user_text(args) -> str:
+    """The first user message for --task (SPEC.md's task prompts), with the <image> placeholder."""
+    if args.task == "identify":
+        if not args.box:
+            raise ValueError("--task identify needs --box '{<x1><y1><x2><y2>|<θ>}'")
+        boxes = data.parse_boxes(args.box)
+        b = boxes[0] if len(boxes) == 1 else None
+        if b is None or not args.box.strip().startswith("{") or not all(0 <= v <= 100 for v in (b.x1, b.y1, b.x2, b.y2)):
+            raise ValueError(f"malformed --box {args.box!r}: expected one '{{<x1><y1><x2><y2>|<θ>}}' on the 0-100 grid")
+        text = data.task_prompt("identify", box=args.box.strip())
+    elif args.task == "refer":
+        if not args.prompt:
+            raise ValueError("--task refer needs --prompt 'the object to locate'")
+        text = data.task_prompt("refer", expression=args.prompt)
+    elif args.task == "scene":
+        classes = args.classes or (", ".join(data.SCENE_CLASSES) if args.checkpoint == DEFAULT_CHECKPOINT else None)
+        if not classes:
+            raise ValueError("--task scene needs --classes 'a, b, c'")
+        text = data.task_prompt("scene", question=args.prompt, classes=classes)
+    else:
+        text = data.task_prompt(args.task, question=args.prompt or DEFAULT_QUESTIONS.get(args.task))
+    return data.IMAGE_PLACEHOLDER + "\n" + text
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Chat with GeoChat about aerial images.")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="model directory (default: the shipped Baby GeoChat)")
+    p.add_argument("--image", type=Path, action="append", required=True, help="image file; repeat for a batch")
+    p.add_argument("--task", choices=data.TASKS, default="grounding")
+    p.add_argument("--prompt", help="the question (vqa, chat, scene, grounding, caption) or the expression (refer)")
+    p.add_argument("--box", help="the region for --task identify: '{<x1><y1><x2><y2>|<θ>}'")
+    p.add_argument("--classes", help="comma-separated classes for --task scene")
+    p.add_argument("--lora", type=Path, help="adapter directory written by train.py")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float16 on MPS, float32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--out", type=Path, help="PNG with the answer's boxes drawn (index appended for several images)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per answer instead of streaming text")
+    p.add_argument("--interactive", action="store_true", help="multi-turn chat about the (first) image")
+    return p.parse_args(argv)
+
+
+def out_path(out: Path, index: int, count: int) -> Path:
+    """--out for image `index` of `count`."""
+    return out if count == 1 else out.with_name(f"{out.stem}_{index}{out.suffix or '.png'}")
+
+
+def run(args):
+    """Load, answer every image, print / draw the results."""
+    device = pick_device(args.device)
+    dtype = DTYPES[args.dtype or default_dtype(device)]
+    first_text = user_text(args)
+    pil_images = [data.load_image(p) for p in args.image]
+    if not args.checkpoint.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {args.checkpoint} not found")
+    engine = load(args.checkpoint, device, dtype, args.lora, args.compile)
+    size = engine.model.cfg.image_size
+    images = torch.stack([data.preprocess_image(im, size) for im in pil_images])
+    if args.interactive:
+        return interactive(engine, args, first_text, pil_images[0], images[:1])
+    prompt = engine.tokenizer.encode_prompt(data.build_prompt([(first_text, None)], "llava_v1"))
+    stream = not args.json and len(pil_images) == 1
+    printer = StreamPrinter(engine.tokenizer) if stream else None
+    results = engine.generate([prompt] * len(pil_images), images, args.max_new_tokens, args.temperature, args.top_k,
+                              args.top_p, args.seed, on_token=printer.on_token if printer else None)
+    if printer:
+        printer.finish()
+    for i, (res, im, path) in enumerate(zip(results, pil_images, args.image)):
+        boxes = box_records(res.text, *im.size)
+        if args.out:
+            draw_boxes(im, boxes).save(out_path(args.out, i, len(pil_images)))
+        if args.json:
+            print(json.dumps({"image": str(path), "answer": res.text, "boxes": boxes, "token_ids": res.token_ids,
+                              "prefill_ms": round(res.prefill_ms, 2), "decode_tokens_per_s": round(res.decode_tokens_per_s, 2)}))
+        elif not stream:
+            print(f"[{path}] {res.text}")
+
+
+class StreamPrinter:
+    """Prints a row's text as its tokens arrive (decoding the whole answer so pieces join correctly)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def on_token(self, row, token):
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.startswith(self.shown):
+            sys.stdout.write(text[len(self.shown):])
+            sys.stdout.flush()
+            self.shown = text
+
+    def finish(self):
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        self.ids, self.shown = [], ""
+
+
+def interactive(engine: Engine, args, first_text, pil_image, image):
+    """Multi-turn chat about one image; the KV cache is kept between turns."""
+    tok = engine.tokenizer
+    session = Session(engine.model, 1, engine.context, engine.compiled_step)
+    printer = StreamPrinter(tok)
+    prompt_ids = tok.encode_prompt(data.build_prompt([(first_text, None)], "llava_v1"))
+    turn = 0
+    while True:
+        if turn == 0:
+            embeds, mask = engine.embed_prompts([prompt_ids], image)
+        else:
+            try:
+                question = input("USER: ").strip()
+            except EOFError:
+                break
+            if question in ("", "exit", "quit"):
+                break
+            # what the reference's template adds after an answer: "</s>USER: {question} ASSISTANT:"
+            ids = session.unfed[0] + [tok.eos_id] + tok.encode(f"USER: {question} ASSISTANT:")
+            embeds, mask = engine.embed_prompts([ids], None)
+        with torch.inference_mode():
+            logits = session.prefill(embeds, mask)
+        sys.stdout.write("ASSISTANT: " if turn else f"USER: {first_text.split(chr(10), 1)[-1]}\nASSISTANT: ")
+        answer = engine.continue_generation(session, logits, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                            args.seed, printer.on_token)[0]
+        printer.finish()
+        if args.out:
+            draw_boxes(pil_image, box_records(tok.decode(answer), *pil_image.size)).save(args.out)
+        turn += 1
+
+
+def main(argv=None):
+    """CLI entry point: clear one-line errors with exit code 2, Ctrl-C exits cleanly."""
+    args = parse_args(argv)
+    try:
+        run(args)
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

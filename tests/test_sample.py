@@ -1,0 +1,257 @@
+"""The generation engine and sample.py's command line, against HF `generate` on tiny random checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+import hf_ref
+import sample
+from geochat import GeoChat
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return hf_ref.tiny_llava(seed=3, vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, ref, sp_model_path):
+    """A tiny GeoChat-release checkpoint directory with a tokenizer.model."""
+    base = tmp_path_factory.mktemp("ckpt")
+    clip_dir = hf_ref.save_clip_dir(ref, base / "clip", with_weights=False)
+    ckpt = hf_ref.write_release(ref, base / "geochat", fmt="safetensors", clip_dir=clip_dir)
+    (ckpt / "tokenizer.model").write_bytes(Path(sp_model_path).read_bytes())
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint):
+    return sample.load(checkpoint, torch.device("cpu"), torch.float32)
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "scene.png"
+    g = torch.Generator().manual_seed(0)
+    Image.fromarray((torch.rand(40, 64, 3, generator=g) * 255).byte().numpy()).save(path)
+    return path
+
+
+def prompt_for(engine, question):
+    return engine.tokenizer.encode_prompt(data.build_prompt([("<image>\n" + question, None)], "llava_v1"))
+
+
+def images_for(engine, n, seed=0):
+    size = engine.model.cfg.image_size
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_kv_cache_decoding_equals_full_recompute(engine):
+    model = engine.model
+    ids = prompt_for(engine, "[grounding] Describe the image in detail.")
+    image = images_for(engine, 1)
+    embeds, mask = engine.embed_prompts([ids], image)
+    session = engine.new_session(1, embeds.shape[1], 12)
+    with torch.inference_mode():
+        step_logits = [session.prefill(embeds, mask)]
+        generated = []
+        for _ in range(10):
+            token = step_logits[-1].argmax(-1)
+            generated.append(int(token))
+            step_logits.append(session.decode(token))
+        full = model(torch.tensor([ids + generated]), image)  # (1, L + 10, V), no cache
+    L = embeds.shape[1]
+    diff = max((step_logits[i][0] - full[0, L - 1 + i]).abs().max().item() for i in range(11))
+    print(f"KV cache vs recompute: max |logit difference| = {diff:.2e}")
+    assert diff < 1e-5
+
+
+def test_greedy_tokens_equal_hf_generate(engine, ref):
+    ids = prompt_for(engine, "Is there a building near the road?\nAnswer the question using a single word or phrase.")
+    image = images_for(engine, 1, seed=4)
+    ours = engine.generate([ids], image, max_new_tokens=24)[0].token_ids
+    input_ids, mask = hf_ref.hf_inputs(ref, torch.tensor([[t if t != data.IMAGE_TOKEN_ID else -200 for t in ids]]))
+    with torch.no_grad():
+        hf = ref.generate(input_ids=input_ids, attention_mask=mask, pixel_values=image, max_new_tokens=24, do_sample=False,
+                          eos_token_id=engine.tokenizer.eos_id, pad_token_id=0)
+    hf_tokens = [t for t in hf[0, input_ids.shape[1]:].tolist() if t != engine.tokenizer.eos_id]
+    hf_tokens = hf_tokens[: len(ours)] if len(hf_tokens) > len(ours) else hf_tokens
+    assert len(ours) > 0 and ours == hf_tokens
+
+
+def test_batch_rows_match_running_alone(engine):
+    questions = ["[grounding] Describe the image in detail.", "How many ships are in the harbor?",
+                 "Is it a rural or an urban area? Answer in one word or a short phrase."]
+    prompts = [prompt_for(engine, q) for q in questions]
+    assert len({len(p) for p in prompts}) == 3  # different lengths: the batch is left-padded
+    images = images_for(engine, 3, seed=7)
+    batch = engine.generate(prompts, images, max_new_tokens=16)
+    for i, p in enumerate(prompts):
+        alone = engine.generate([p], images[i:i + 1], max_new_tokens=16)[0]
+        assert batch[i].token_ids == alone.token_ids
+
+
+def test_sampling_is_seeded_and_filters(engine):
+    ids = prompt_for(engine, "What is in the image?")
+    image = images_for(engine, 1)
+    a = engine.generate([ids], image, max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9, seed=5)[0].token_ids
+    b = engine.generate([ids], image, max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9, seed=5)[0].token_ids
+    assert a == b
+    logits = torch.tensor([[0.0, 5.0, 4.0, -1.0]])
+    assert all(sample.sample_next(logits, 1.0, top_k=1, generator=torch.Generator().manual_seed(s)).item() == 1 for s in range(5))
+    picks = {sample.sample_next(logits, 1.0, top_p=0.5, generator=torch.Generator().manual_seed(s)).item() for s in range(20)}
+    assert picks == {1}  # token 1 alone holds over half the mass
+    assert sample.sample_next(logits).item() == 1
+
+
+def test_decode_step_has_no_graph_break(engine):
+    session = engine.new_session(1, 8, 4)
+    llm = engine.model.llm
+    key_valid = session.key_valid.clone()
+    key_valid[:, :3] = True
+    explanation = torch._dynamo.explain(sample.decode_step)(
+        llm, torch.tensor([[5]]), torch.tensor([[2]]), torch.tensor([2]), key_valid)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+def test_interactive_keeps_cache_across_turns(engine):
+    # A second turn appended to the kept cache equals the whole two-turn prompt computed from scratch.
+    tok = engine.tokenizer
+    first = prompt_for(engine, "What is in the image?")
+    image = images_for(engine, 1)
+    session = sample.Session(engine.model, 1, engine.context)
+    with torch.inference_mode():
+        embeds, mask = engine.embed_prompts([first], image)
+        answer = engine.continue_generation(session, session.prefill(embeds, mask), 5)[0]
+        follow = session.unfed[0] + [tok.eos_id] + tok.encode("USER: How many ships? ASSISTANT:")
+        embeds2, mask2 = engine.embed_prompts([follow], None)
+        logits = session.prefill(embeds2, mask2)
+        fed = answer[: len(answer) - len(session.unfed[0])]
+        recompute = engine.model(torch.tensor([first + fed + follow]), image)[0, -1]
+    assert session.length == embeds.shape[1] + len(fed) + len(follow)
+    assert torch.allclose(logits[0], recompute, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Boxes.
+
+BOX_TABLE = [
+    ("<p>two planes</p> {<8><82><16><90>|<69>}{<6><44><14><48>|<32>}", [("two planes", 8, 82, 16, 90, 69), ("two planes", 6, 44, 14, 48, 32)]),
+    ("{<16><55><24><63>|<11>}", [(None, 16, 55, 24, 63, 11)]),
+    ("<p>car</p> {<1><2><3><4>}", [("car", 1, 2, 3, 4, 0)]),  # 4 numbers: angle 0
+    ("{<1><2><3>|<4>} and {<10><20><30><40>|<5>}", [(None, 10, 20, 30, 40, 5)]),  # a malformed box is skipped
+    ("{<1><2><x><4>|<4>} {<5><6><7><8>|<9>", []),  # garbage, unclosed: nothing, no crash
+    ("There is no box here.", []),
+]
+
+
+@pytest.mark.parametrize("answer,expected", BOX_TABLE)
+def test_box_records_parse_real_answers(answer, expected):
+    got = sample.box_records(answer, 200, 100)
+    assert [(b["label"], b["x1"], b["y1"], b["x2"], b["y2"], b["angle"]) for b in got] == expected
+    for b in got:
+        assert len(b["polygon"]) == 4
+
+
+def test_drawn_box_lands_where_the_coordinates_say():
+    image = Image.new("RGB", (200, 100), "white")  # padded square: 200 x 200, image at y offset 50
+    boxes = sample.box_records("<p>ship</p> {<10><30><50><60>|<0>}", 200, 100)
+    assert boxes[0]["polygon"] == [[20.0, 10.0], [100.0, 10.0], [100.0, 70.0], [20.0, 70.0]]
+    drawn = sample.draw_boxes(image, boxes)
+    red = lambda p: drawn.getpixel(p)[0] > 200 and drawn.getpixel(p)[1] < 120  # noqa: E731
+    assert red((60, 70)) and red((100, 40)) and red((20, 40))  # bottom, right and left edges
+    assert drawn.getpixel((60, 40)) == (255, 255, 255)  # inside stays untouched
+    assert drawn.getpixel((150, 90)) == (255, 255, 255)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line.
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_cli_json_and_drawing(checkpoint, image_file, tmp_path):
+    out = tmp_path / "boxes.png"
+    r = run_cli("--checkpoint", checkpoint, "--image", image_file, "--image", image_file, "--task", "grounding",
+                "--max-new-tokens", "8", "--json", "--out", out)
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    assert len(lines) == 2 and lines[0]["token_ids"] == lines[1]["token_ids"]
+    assert set(lines[0]) == {"image", "answer", "boxes", "token_ids", "prefill_ms", "decode_tokens_per_s"}
+    assert (tmp_path / "boxes_0.png").exists() and (tmp_path / "boxes_1.png").exists()
+
+
+def test_cli_streams_text(checkpoint, image_file):
+    r = run_cli("--checkpoint", checkpoint, "--image", image_file, "--task", "vqa", "--prompt", "How many ships?",
+                "--max-new-tokens", "6")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.endswith("\n")
+
+
+@pytest.mark.parametrize("problem", ["missing image", "not an image", "prompt too long", "malformed box", "no tokenizer"])
+def test_cli_bad_input_is_one_clear_line(problem, checkpoint, image_file, tmp_path):
+    args = ["--checkpoint", checkpoint, "--image", image_file, "--task", "grounding"]
+    expect = {"missing image": "nope.png", "not an image": "not an image", "prompt too long": "context holds",
+              "malformed box": "malformed --box", "no tokenizer": "tokenizer.model"}[problem]
+    if problem == "missing image":
+        args[3] = tmp_path / "nope.png"
+    elif problem == "not an image":
+        bad = tmp_path / "bad.png"
+        bad.write_text("hello")
+        args[3] = bad
+    elif problem == "prompt too long":
+        args += ["--task", "chat", "--prompt", "tennis court " * 400]
+    elif problem == "malformed box":
+        args += ["--task", "identify", "--box", "{<1><2><3>|<4>}"]
+    else:
+        bare = tmp_path / "bare"
+        bare.mkdir()
+        for f in checkpoint.iterdir():
+            if f.name != "tokenizer.model":
+                (bare / f.name).symlink_to(f)
+        args[1] = bare
+    r = run_cli(*args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1 and expect in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_ctrl_c_during_streaming_exits_cleanly(tmp_path, sp_model_path):
+    # a checkpoint whose context is long enough to stream for a while
+    ref = hf_ref.tiny_llava(seed=5, vocab_size=VOCAB)
+    ref.config.text_config.max_position_embeddings = 4096
+    clip_dir = hf_ref.save_clip_dir(ref, tmp_path / "clip", with_weights=False)
+    ckpt = hf_ref.write_release(ref, tmp_path / "g", clip_dir=clip_dir)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 4096}))
+    (ckpt / "tokenizer.model").write_bytes(Path(sp_model_path).read_bytes())
+    image = tmp_path / "x.png"
+    Image.new("RGB", (30, 20), "gray").save(image)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "--checkpoint", str(ckpt), "--image", str(image),
+                             "--task", "chat", "--prompt", "Tell me everything.", "--max-new-tokens", "3900",
+                             "--temperature", "1.0", "--seed", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    os.set_blocking(proc.stdout.fileno(), False)
+    deadline = time.time() + 60
+    while time.time() < deadline and not proc.stdout.read(1):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert err.decode().strip() == "interrupted"
