@@ -82,23 +82,26 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x * rsqrt(mean(x^2) + eps), in float32
+        return self.weight * normed.to(x.dtype)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos and sin tables (B, 1, T, head_dim) for integer positions (B, T), in HF's layout."""
+    """cos and signed sin tables (..., head_dim) for integer positions (...), angles in float32 as HF.
+
+    HF rotates with x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1). We return
+    sin with its first half negated, so that the rotation is x * cos + roll(x, D/2) * signed_sin:
+    the same products, fewer operations.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
-    angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, head_dim)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    freqs = positions.float()[..., None] * inv_freq  # (..., head_dim/2)
+    cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # (..., head_dim)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotate (B, H, T, D) queries or keys: x * cos + rotate_half(x) * sin."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class KVCache(nn.Module):
@@ -177,21 +180,24 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.rope_table: tuple | None = None  # (cos, sin) (max_seq_len, head_dim), set with the KV cache
 
     def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None):
         """Preallocate a static KV cache of max_seq_len slots in every layer."""
         if max_seq_len > self.cfg.max_seq_len:
             raise ValueError(f"cache of {max_seq_len} positions exceeds the context of {self.cfg.max_seq_len}")
         weight = self.embed_tokens.weight
+        dtype, device = dtype or weight.dtype, device or weight.device
         for layer in self.layers:
-            layer.attn.kv_cache = KVCache(
-                batch_size, self.cfg.n_kv_heads, max_seq_len, self.cfg.head_dim, dtype or weight.dtype, device or weight.device
-            )
+            layer.attn.kv_cache = KVCache(batch_size, self.cfg.n_kv_heads, max_seq_len, self.cfg.head_dim, dtype, device)
+        # cos/sin of every position, looked up per step instead of recomputed (the same float32 values)
+        self.rope_table = rope_cos_sin(torch.arange(self.cfg.max_seq_len, device=device), self.cfg.head_dim, self.cfg.rope_theta, dtype)
 
     def clear_cache(self):
         """Drop the KV caches (back to plain full-sequence forward)."""
         for layer in self.layers:
             layer.attn.kv_cache = None
+        self.rope_table = None
 
     def forward(self, embeds, positions=None, mask=None, cache_pos=None, last_only: bool = False):
         """Logits (B, T, vocab) (or (B, 1, vocab) with last_only) for input embeddings (B, T, dim).
@@ -203,7 +209,12 @@ class Llama(nn.Module):
         B, T, _ = embeds.shape
         if positions is None:
             positions = torch.arange(T, device=embeds.device).expand(B, T)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
+        if self.rope_table is not None:
+            cos, sin = self.rope_table[0][positions][:, None], self.rope_table[1][positions][:, None]  # (B, 1, T, D)
+        else:
+            cos, sin = (t[:, None] for t in rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype))
+        if mask is not None:  # boolean -> additive, once for all layers
+            mask = torch.zeros(mask.shape, dtype=embeds.dtype, device=embeds.device).masked_fill_(~mask, float("-inf"))
         x = embeds
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache_pos)
