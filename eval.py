@@ -682,15 +682,98 @@ def score_file(bench: str, answers: str, gt: str | None = None, questions: str |
 
 # --------------------------------------------------------------------------- run (part 2)
 
-# ---- BEGIN run: answer generation with the model (to be written by the lead) ----
+# Answer generation: greedy, batched (left padding + attention mask), resumable.
+
+RUN_BENCHES = ("scene", "vqa", "referring", "region_caption", "grounding_description")
+VQA_SUFFIX = "Answer the question using a single word or phrase."
+MAX_NEW_TOKENS = {"scene": 16, "vqa": 16, "referring": 96, "region_caption": 48, "grounding_description": 256}
 
 
-def run_bench(args: argparse.Namespace) -> None:
-    """Generate an answers JSONL for a GeoChat-Bench question file with the model (not yet written)."""
-    raise NotImplementedError("eval.py run: answer generation is not implemented yet")
+def question_prompt(bench: str, q: dict) -> str:
+    """The user message (without <image>) for one bench question, in SPEC.md's task formats."""
+    import data
+
+    text = (q.get("text") or q.get("question") or "").strip()
+    if bench == "scene":
+        return text  # GeoChat-Bench scene files carry their whole prompt
+    if bench == "vqa":
+        return text if VQA_SUFFIX in text else data.task_prompt("vqa", question=text)
+    if bench == "referring":
+        return text if text.startswith(("[refer]", "[grounding]")) else data.task_prompt("refer", expression=text)
+    if bench == "region_caption":
+        return text if text.startswith("[identify]") else data.task_prompt("identify", box=text)
+    return text if text.startswith("[grounding]") else data.task_prompt("grounding", question=text or None)
 
 
-# ---- END run ----
+def image_path(folder: str, q: dict):
+    """The question's image file under folder (`image`, else `image_id`), stray whitespace stripped."""
+    from pathlib import Path
+
+    name = str(q.get("image") or q.get("image_id") or "").strip()
+    path = Path(folder) / name
+    if not name or (not path.exists() and not Path(name).suffix):
+        for ext in (".png", ".jpg", ".jpeg", ".tif"):
+            if path.with_suffix(ext).exists():
+                return path.with_suffix(ext)
+    return path
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Answer a GeoChat-Bench question file with the model into --answers (skipping ids already there), then score."""
+    import os
+
+    import torch
+    from tqdm import tqdm
+
+    import data
+    import sample
+
+    questions = read_jsonl(args.questions)
+    done = set()
+    if os.path.exists(args.answers):
+        done = {str(_qid(r)) for r in read_jsonl(args.answers)}
+    todo = [q for q in questions if str(_qid(q)) not in done]
+    if args.limit is not None:
+        todo = todo[: max(0, args.limit - len(done))]
+    device = sample.pick_device(args.device)
+    engine = sample.load(args.checkpoint, device, sample.DTYPES[args.dtype or sample.default_dtype(device)], args.lora)
+    size, tok = engine.model.cfg.image_size, engine.tokenizer
+    max_new = args.max_new_tokens or MAX_NEW_TOKENS[args.bench]
+    failed = Counter()
+    with open(args.answers, "a") as out, tqdm(total=len(todo), desc=f"{args.bench}", unit="q") as bar:
+        for start in range(0, len(todo), args.batch_size):
+            batch, prompts, images, rows = todo[start:start + args.batch_size], [], [], []
+            for q in batch:
+                row = dict(q)
+                try:
+                    images.append(data.preprocess_image(data.load_image(image_path(args.image_folder, q)), size))
+                except (OSError, ValueError) as e:  # a missing or broken image: a failed answer, reported
+                    row.update(answer=None, error=str(e))
+                    failed[type(e).__name__] += 1
+                    rows.append(row)
+                    continue
+                prompts.append(tok.encode_prompt(data.build_prompt([("<image>\n" + question_prompt(args.bench, q), None)])))
+                rows.append(row)
+            if prompts:
+                answers = iter(engine.generate(prompts, torch.stack(images), max_new_tokens=max_new))
+                for row in rows:
+                    if "error" not in row:
+                        row["answer"] = next(answers).text.strip()
+            for row in rows:
+                out.write(json.dumps(row) + "\n")
+            out.flush()
+            bar.update(len(batch))
+    if failed:
+        print(f"failed answers (missing or unreadable images): {dict(failed)}", file=sys.stderr)
+    if args.bench == "grounding_description":
+        rows = read_jsonl(args.answers)
+        with_boxes = sum(1 for r in rows if r.get("answer") and boxes_from_field(r["answer"]))
+        metrics = {"answers": len(rows), "failed": sum(r.get("answer") is None for r in rows), "with_boxes": with_boxes}
+    else:
+        metrics = score_file(args.bench, args.answers)
+    print(format_table(metrics))
+    print(json.dumps(metrics))
+    return 0
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -706,8 +789,11 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    run_bench(args)
-    return 0
+    try:
+        return run_bench(args)
+    except (InputError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -729,7 +815,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_score)
 
     r = sub.add_parser("run", help="generate answers with the model")
-    r.add_argument("--bench", required=True, choices=BENCHES)
+    r.add_argument("--bench", required=True, choices=RUN_BENCHES)
     r.add_argument("--questions", required=True, help="GeoChat-Bench question JSONL")
     r.add_argument("--image-folder", required=True)
     r.add_argument("--checkpoint", required=True)
@@ -737,8 +823,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=1)
     r.add_argument("--limit", type=int, default=None)
     r.add_argument("--lora", default=None)
-    r.add_argument("--device", default="cpu")
-    r.add_argument("--dtype", default="float32")
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    r.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
+    r.add_argument("--max-new-tokens", type=int, default=None, help="default: per bench (scene/vqa 16, referring 96, ...)")
     r.set_defaults(func=_cmd_run)
     return p
 

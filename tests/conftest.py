@@ -51,3 +51,23 @@ def examples_dir():
         if candidate.is_dir() and any(candidate.iterdir()):
             return candidate
     pytest.skip("shared/examples not found inside or beside the repository")
+
+
+@pytest.fixture(scope="session")
+def tiny_ref():
+    """A tiny random HF LlavaForConditionalGeneration (vocab 512, 56 px images) used as the reference."""
+    import hf_ref
+
+    return hf_ref.tiny_llava(seed=3, vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_ref, sp_model_path):
+    """tiny_ref saved as a GeoChat-release checkpoint directory with a tokenizer.model."""
+    import hf_ref
+
+    base = tmp_path_factory.mktemp("ckpt")
+    clip_dir = hf_ref.save_clip_dir(tiny_ref, base / "clip", with_weights=False)
+    ckpt = hf_ref.write_release(tiny_ref, base / "geochat", fmt="safetensors", clip_dir=clip_dir)
+    (ckpt / "tokenizer.model").write_bytes(Path(sp_model_path).read_bytes())
+    return ckpt

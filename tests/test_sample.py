@@ -22,18 +22,13 @@ VOCAB = 512
 
 
 @pytest.fixture(scope="module")
-def ref():
-    return hf_ref.tiny_llava(seed=3, vocab_size=VOCAB)
+def ref(tiny_ref):
+    return tiny_ref
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, ref, sp_model_path):
-    """A tiny GeoChat-release checkpoint directory with a tokenizer.model."""
-    base = tmp_path_factory.mktemp("ckpt")
-    clip_dir = hf_ref.save_clip_dir(ref, base / "clip", with_weights=False)
-    ckpt = hf_ref.write_release(ref, base / "geochat", fmt="safetensors", clip_dir=clip_dir)
-    (ckpt / "tokenizer.model").write_bytes(Path(sp_model_path).read_bytes())
-    return ckpt
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

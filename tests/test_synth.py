@@ -16,7 +16,7 @@ from data import (  # noqa: E402
 )
 
 BOX_RE = re.compile(r"\{<(\d+)><(\d+)><(\d+)><(\d+)>\|<(\d+)>\}")
-SCENE_PROMPT = ("What is the scene of this image?\nClassify the image from the following classes: "
+SCENE_PROMPT = ("Classify the given image in one of the following classes.\nClassify the image from the following classes: "
                 "farmland, water, desert, urban. Answer in one word or a short phrase.")
 VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
 
