@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -199,12 +200,13 @@ class Llama(nn.Module):
             layer.attn.kv_cache = None
         self.rope_table = None
 
-    def forward(self, embeds, positions=None, mask=None, cache_pos=None, last_only: bool = False):
-        """Logits (B, T, vocab) (or (B, 1, vocab) with last_only) for input embeddings (B, T, dim).
+    def hidden_states(self, embeds, positions=None, mask=None, cache_pos=None, checkpoint_blocks: bool = False):
+        """Final-norm hidden states (B, T, dim) for input embeddings (B, T, dim).
 
         positions (B, T): rotary positions (default 0..T-1); mask (B, 1, T, S) bool, None for causal;
         cache_pos (T,): KV-cache slots to write (needs setup_cache); then the mask's last dimension S
-        says how many leading cache slots are attended to.
+        says how many leading cache slots are attended to. checkpoint_blocks recomputes each block
+        in the backward pass (activation checkpointing) instead of keeping its activations.
         """
         B, T, _ = embeds.shape
         if positions is None:
@@ -217,7 +219,13 @@ class Llama(nn.Module):
             mask = torch.zeros(mask.shape, dtype=embeds.dtype, device=embeds.device).masked_fill_(~mask, float("-inf"))
         x = embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache_pos)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+            if checkpoint_blocks and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, cache_pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache_pos)
+        return self.norm(x)
+
+    def forward(self, embeds, positions=None, mask=None, cache_pos=None, last_only: bool = False):
+        """Logits (B, T, vocab), or (B, 1, vocab) with last_only, for input embeddings (B, T, dim); see hidden_states."""
+        x = self.hidden_states(embeds, positions, mask, cache_pos)
+        return self.lm_head(x[:, -1:] if last_only else x)

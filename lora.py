@@ -191,9 +191,12 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, r: int | None = N
                  extra_modules: Iterable[str] = ("projector",), under: str | None = "llm") -> Path:
     """Write adapter.safetensors (LoRA + extra modules) and adapter_config.json atomically; rank 0 writes."""
     modules = _lora_modules(model)
-    if not modules:
-        raise ValueError("save_adapter: the model has no LoRALinear modules (call apply_lora first)")
-    first = modules[0][2]
+    extra_modules = list(extra_modules)
+    if not modules and not extra_modules:
+        raise ValueError("save_adapter: the model has no LoRALinear modules (call apply_lora first) and no extra_modules")
+    if not modules:  # a projector-only adapter (train.py --mode projector): r = 0, no targets
+        r, alpha, dropout, targets = 0, 0, 0.0, []
+    first = modules[0][2] if modules else None
     r = first.r if r is None else r
     alpha = first.alpha if alpha is None else alpha
     dropout = getattr(first.dropout, "p", 0.0) if dropout is None else dropout
@@ -201,7 +204,6 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, r: int | None = N
     for _, name, module in modules:
         if (module.r, module.alpha) != (r, alpha):
             raise ValueError(f"save_adapter: {name} has r={module.r}, alpha={module.alpha} but r={r}, alpha={alpha} was given")
-    extra_modules = list(extra_modules)
     state = lora_state_dict(model, extra_modules)  # collective under FSDP: all ranks call it
     if not _is_writer():
         return Path(out_dir)
@@ -251,6 +253,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, lora_dtype: t
     tensors = load_file(str(weights_path))
     if _lora_modules(model):
         wrapped = [name for _, name, _ in _lora_modules(model)]
+    elif not config["targets"]:  # projector-only adapter: nothing to wrap
+        wrapped = []
     else:
         if lora_dtype is None:
             lora_dtype = next((t.dtype for k, t in tensors.items() if k.endswith(".lora_A")), None)

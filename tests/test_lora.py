@@ -356,6 +356,22 @@ def test_save_adapter_infers_config(tmp_path):
         save_adapter(model, tmp_path, r=64, alpha=16)
 
 
+def test_projector_only_adapter(tmp_path):
+    """No LoRA modules (train.py --mode projector): the adapter holds the projector alone and loads without wrapping."""
+    model = TinyGeoChat(seed=0)
+    with torch.no_grad():
+        model.projector.fc1.weight.mul_(2.0)
+    save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["r"], config["targets"], config["extra_modules"]) == (0, [], ["projector"])
+    assert all(k.startswith("projector.") for k in load_file(str(tmp_path / "adapter.safetensors")))
+    fresh = TinyGeoChat(seed=0)
+    assert load_adapter(fresh, tmp_path) == [] and not lora_modules(fresh)
+    assert torch.equal(fresh.projector.fc1.weight, model.projector.fc1.weight)
+    with pytest.raises(ValueError, match="no LoRALinear modules .* and no extra_modules"):
+        save_adapter(model, tmp_path, extra_modules=())
+
+
 def test_load_adapter_errors(tmp_path):
     _, out = make_adapter(tmp_path)
     weights = out / "adapter.safetensors"

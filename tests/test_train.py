@@ -95,7 +95,7 @@ def losses(out: Path) -> list[float]:
 
 
 def run_main(args):
-    return train.main(args)
+    return train.main([str(a) for a in args])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,12 +107,8 @@ def test_one_vs_two_processes(setup_dir, tmp_path):
               "--lora-r", 4, "--lora-alpha", 8, "--lora-dropout", 0, "--warmup-ratio", 0.3]
     one = tmp_path / "one"
     run_main(base_args(setup_dir, one, *common))
-    two = tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
-           str(REPO / "train.py"), *base_args(setup_dir, two, *common)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = tmp_path / "two"  # micro-batches of 1: the text-only and the missing-image record each fill one alone
+    torchrun(base_args(setup_dir, two, *common, "--batch-size", 1))
     m1, m2 = metrics(one), metrics(two)
     assert len(m1) == len(m2) == 3
     for a, b in zip(m1, m2):
@@ -124,3 +120,282 @@ def test_one_vs_two_processes(setup_dir, tmp_path):
     assert w1.keys() == w2.keys()
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
+    o1 = torch.load(one / "ckpt" / "train_state.pt", weights_only=False)["optimizer"]
+    o2 = torch.load(two / "ckpt" / "train_state.pt", weights_only=False)["optimizer"]  # gathered from 2 shards
+    assert o1["state"].keys() == o2["state"].keys() and len(o1["state"]) == len(w1)
+    for k in o1["state"]:
+        torch.testing.assert_close(o1["state"][k]["exp_avg"], o2["state"][k]["exp_avg"], rtol=1e-3, atol=1e-7)
+
+
+def torchrun(args, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(REPO / "train.py"),
+           *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_full_mode_resume_on_two_ranks(setup_dir, tmp_path, monkeypatch):
+    """A 1-process full-mode checkpoint resumes on 2 ranks (FSDP2, grad ckpt) and matches a straight 1-process run."""
+    common = ["--mode", "full", "--max-steps", 4, "--global-batch", 4, "--batch-size", 2, "--lr", 2e-3,
+              "--save-every", 2]
+    straight = tmp_path / "straight"
+    run_main(base_args(setup_dir, straight, *common))
+    resumed = tmp_path / "resumed"
+
+    def stop_after_step_2(path, state):  # a kill during the step-4 save
+        if state["step"] == 4:
+            raise KeyboardInterrupt
+        real_write(path, state)
+
+    real_write = train.write_train_state
+    monkeypatch.setattr(train, "write_train_state", stop_after_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(base_args(setup_dir, resumed, *common))
+    monkeypatch.undo()
+    torchrun(base_args(setup_dir, resumed, *common, "--resume", "--grad-ckpt"))
+    assert losses(resumed) == pytest.approx(losses(straight), rel=1e-4)
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+    GeoChat.from_pretrained(resumed, dtype=torch.float32)  # the FSDP-gathered save is a loadable checkpoint
+
+
+def test_resume_after_kill_mid_save_matches_straight_run(setup_dir, tmp_path, monkeypatch, capsys):
+    """4 steps straight == 2 steps, a kill in the middle of the step-4 save, --resume from step 2, 2 more steps."""
+    common = ["--mode", "lora", "--max-steps", 4, "--global-batch", 4, "--batch-size", 2, "--lr", 5e-3,
+              "--lora-r", 4, "--lora-alpha", 8, "--lora-dropout", 0.2, "--save-every", 2, "--weight-decay", 0.1]
+    straight = tmp_path / "straight"
+    run_main(base_args(setup_dir, straight, *common))
+
+    killed = tmp_path / "killed"
+    real_write = train.write_train_state
+
+    def dying_write(path, state):
+        if state["step"] == 4:  # the adapter is already in ckpt.tmp/: die before the state and the swap
+            assert (path.parent / "adapter.safetensors").exists()
+            raise KeyboardInterrupt("killed mid-save")
+        real_write(path, state)
+
+    monkeypatch.setattr(train, "write_train_state", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(base_args(setup_dir, killed, *common))
+    monkeypatch.undo()
+    assert (killed / "ckpt.tmp").is_dir()
+    state = torch.load(killed / "ckpt" / "train_state.pt", weights_only=False)
+    assert state["step"] == 2 and len(metrics(killed)) == 4
+    kept = load_file(str(killed / "adapter.safetensors"))  # the top-level export is still step 2's
+    for k, v in load_file(str(killed / "ckpt" / "adapter.safetensors")).items():
+        torch.testing.assert_close(kept[k], v, rtol=0, atol=0)
+
+    with pytest.raises(SystemExit) as e:  # no silent overwrite of a run
+        run_main(base_args(setup_dir, killed, *common))
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:  # a resume must keep the run's geometry
+        run_main(base_args(setup_dir, killed, *common, "--resume", "--lora-r", 8))
+    assert e.value.code == 2 and "settings differ" in capsys.readouterr().err
+
+    run_main(base_args(setup_dir, killed, *common, "--resume"))
+    assert not (killed / "ckpt.tmp").exists()
+    assert [m["step"] for m in metrics(killed)] == [1, 2, 3, 4]
+    assert losses(killed) == pytest.approx(losses(straight), rel=1e-6)
+    a, b = load_file(str(straight / "adapter.safetensors")), load_file(str(killed / "adapter.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    s1 = torch.load(straight / "ckpt" / "train_state.pt", weights_only=False)
+    s2 = torch.load(killed / "ckpt" / "train_state.pt", weights_only=False)
+    assert (s1["step"], s1["epoch"], s1["step_in_epoch"], s1["lr"]) == (s2["step"], s2["epoch"], s2["step_in_epoch"], s2["lr"])
+    for k, v in s1["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(v[name], s2["optimizer"]["state"][k][name], rtol=0, atol=0)
+
+
+def test_adapter_loads_into_fresh_model_and_changes_outputs(setup_dir, tmp_path):
+    """The lora run's adapter (r, alpha from its config) loads with lora.load_adapter and changes the logits."""
+    out = tmp_path / "lora"
+    run_main(base_args(setup_dir, out, "--mode", "lora", "--max-steps", 2, "--global-batch", 4, "--batch-size", 4,
+                       "--lr", 5e-2, "--lora-r", 4, "--lora-alpha", 8))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["r"], config["alpha"], config["extra_modules"]) == (4, 8, ["projector"])
+    base = GeoChat.from_pretrained(setup_dir["ckpt"], dtype=torch.float32)
+    tuned = GeoChat.from_pretrained(setup_dir["ckpt"], dtype=torch.float32)
+    wrapped = lora.load_adapter(tuned, out)
+    assert len(wrapped) == 2 * 7
+    tensors = load_file(str(out / "adapter.safetensors"))
+    assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in tensors.items())
+    torch.testing.assert_close(tuned.projector.fc1.weight, tensors["projector.fc1.weight"])
+    ids = torch.tensor([[1, -200, 40, 41, 42, 43]])
+    images = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        assert not torch.allclose(base(ids, images), tuned.eval()(ids, images), atol=1e-4)
+
+
+def test_loss_falls_full_mode_and_checkpoint_loads(setup_dir, tmp_path):
+    """Full fine-tuning overfits a tiny set; the output directory loads with GeoChat.from_pretrained."""
+    folder = tmp_path / "small"
+    data = write_dataset(folder, n=4, seed=3, extras=False)
+    out = tmp_path / "full"
+    args = ["--checkpoint", str(setup_dir["ckpt"]), "--data", str(data), "--image-folder", str(folder / "images"),
+            "--out", str(out), "--device", "cpu", "--dtype", "float32", "--mode", "full", "--max-steps", 30,
+            "--global-batch", 4, "--batch-size", 2, "--lr", 3e-3, "--warmup-ratio", 0.1]
+    result = run_main(args)
+    curve = losses(out)
+    assert len(curve) == 30 and result["step"] == 30
+    assert curve[-1] < 0.3 * curve[0], curve
+    model = GeoChat.from_pretrained(out, dtype=torch.float32)
+    saved = load_file(str(out / "model.safetensors"))
+    assert not any("_orig_mod" in k or "_checkpoint_wrapped" in k for k in saved)
+    base = load_file(str(setup_dir["ckpt"] / "model.safetensors"))
+    torch.testing.assert_close(saved["vision.pos_embed"], base["vision.pos_embed"])  # the vision tower stayed frozen
+    assert not torch.equal(saved["llm.layers.0.attn.q_proj.weight"], base["llm.layers.0.attn.q_proj.weight"])
+    torch.testing.assert_close(model.llm.lm_head.weight, saved["llm.lm_head.weight"])
+
+
+def test_projector_mode_and_scratch_config(setup_dir, tmp_path):
+    """--mode projector trains and saves only the projector; --config trains from scratch (vision too in full mode)."""
+    out = tmp_path / "proj"
+    run_main(base_args(setup_dir, out, "--mode", "projector", "--max-steps", 2, "--global-batch", 4, "--batch-size", 4))
+    tensors = load_file(str(out / "adapter.safetensors"))
+    assert sorted(tensors) == ["projector.fc1.bias", "projector.fc1.weight", "projector.fc2.bias", "projector.fc2.weight"]
+    model = GeoChat.from_pretrained(setup_dir["ckpt"], dtype=torch.float32)
+    assert lora.load_adapter(model, out) == []
+    torch.testing.assert_close(model.projector.fc2.weight, tensors["projector.fc2.weight"])
+
+    scratch = tmp_path / "scratch"
+    run_main(["--config", str(setup_dir["config"]), "--tokenizer", str(setup_dir["tokenizer"]), "--data", str(setup_dir["data"]),
+              "--image-folder", str(setup_dir["images"]), "--out", str(scratch), "--device", "cpu", "--mode", "full",
+              "--max-steps", 2, "--global-batch", 4, "--batch-size", 2, "--lr", 1e-2])  # bfloat16 autocast
+    trained = GeoChat.from_pretrained(scratch, dtype=torch.float32)
+    cfg = tiny_config()
+    with torch.device("meta"):
+        fresh = GeoChat(cfg)
+    fresh.to_empty(device="cpu")
+    train.init_weights(fresh, 0)
+    assert not torch.equal(trained.vision.blocks[0].attn.q_proj.weight, fresh.vision.blocks[0].attn.q_proj.weight)
+    assert trained.llm.lm_head.weight.dtype == torch.float32
+
+
+def tiny_batch(setup_dir):
+    tok = Tokenizer(setup_dir["tokenizer"])
+    ds = InstructDataset(setup_dir["data"], setup_dir["images"], tok, image_size=28, n_image_tokens=4)
+    return collate([ds[i] for i in (0, 1, 2, 3)], tok.pad_id)
+
+
+def test_loss_matches_full_logits_and_grad_ckpt_is_exact(setup_dir):
+    """CausalLMLoss == CE over model.llm's full logits (guards its decoder loop); grad ckpt changes nothing."""
+    batch = tiny_batch(setup_dir)
+    model = GeoChat.from_pretrained(setup_dir["ckpt"], dtype=torch.float32)
+    lora.apply_lora(model, r=4, alpha=8, dropout=0.0)
+    lora.mark_trainable(model)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, lora.LoRALinear):
+                m.lora_B.normal_(0, 0.1)
+    embeds, _, labels = model.embed_inputs(batch["input_ids"], batch["images"], batch["attention_mask"], batch["labels"])
+    logits = model.llm(embeds)
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                  ignore_index=IGNORE_INDEX, reduction="sum")
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss = train.CausalLMLoss(model, grad_ckpt=ckpt)(batch["input_ids"], batch["labels"], batch["images"])
+        torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-4)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7)
+    assert train.n_labelled(batch) == int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def test_checkpoint_fallback_and_dummy_rows(tmp_path):
+    """A kill between the two renames leaves ckpt.old: resume uses it; micro-batches without images get a dummy row."""
+    assert train.find_checkpoint(tmp_path) is None
+    (tmp_path / "ckpt.old").mkdir()
+    (tmp_path / "ckpt.old" / "train_state.pt").write_bytes(b"")
+    (tmp_path / "ckpt.tmp").mkdir()
+    assert train.find_checkpoint(tmp_path) == tmp_path / "ckpt.old"
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "train_state.pt").write_bytes(b"")
+    assert train.find_checkpoint(tmp_path) == tmp_path / "ckpt"
+
+    dummy = train.with_image(None, 1, 0, 28)
+    assert dummy["images"].shape == (1, 3, 28, 28) and (dummy["labels"] == IGNORE_INDEX).all()
+    text = {"input_ids": torch.tensor([[1, 5, 6]]), "labels": torch.tensor([[-100, 5, 6]]), "images": None}
+    padded = train.with_image(text, 1, 0, 28)
+    assert padded["input_ids"].tolist() == [[1, 5, 6], [1, -200, 0]]
+    assert padded["labels"].tolist() == [[-100, 5, 6], [-100] * 3] and train.n_labelled(padded) == 2
+
+
+def test_lr_schedule():
+    lrs = [train.lr_at(s, 100, 3, 2e-4) for s in range(100)]
+    assert lrs[:3] == pytest.approx([2e-4 / 3, 4e-4 / 3, 2e-4])
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    assert 0 < lrs[-1] < 1e-6 and train.lr_at(100, 100, 3, 2e-4) == pytest.approx(0, abs=1e-12)
+
+
+def test_compile_and_grad_ckpt_step(setup_dir, tmp_path):
+    """--compile --grad-ckpt runs a step and gives the eager loss; state-dict names stay clean."""
+    common = ["--mode", "lora", "--max-steps", 1, "--global-batch", 2, "--batch-size", 2, "--lora-r", 4, "--lora-dropout", 0]
+    run_main(base_args(setup_dir, tmp_path / "eager", *common))
+    run_main(base_args(setup_dir, tmp_path / "compiled", *common, "--compile", "--grad-ckpt"))
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
+    names = load_file(str(tmp_path / "compiled" / "adapter.safetensors")).keys()
+    assert names == load_file(str(tmp_path / "eager" / "adapter.safetensors")).keys()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing checkpoint", "checkpoint directory .*nowhere not found"),
+    ("missing data", "data file .*nope.json not found"),
+    ("missing image folder", "image folder .*noimages not found"),
+    ("empty dataset", "the dataset is empty"),
+    ("not divisible", "--global-batch 6 is not divisible by --batch-size 4 x world size 1"),
+    ("config without tokenizer", "--config .* needs --tokenizer"),
+    ("unknown config", "--config 'nonsense' is neither a known config"),
+    ("no conversations", "record 0 .*no 'conversations'"),
+    ("not alternating", "turn 1 is from 'human', expected 'gpt'"),
+    ("image outside folder", "points outside the image folder"),
+    ("too few samples", "has 24 samples, fewer than one global batch \\(48\\)"),
+    ("bad number", "--batch-size must be >= 1"),
+])
+def test_bad_input(setup_dir, tmp_path, capsys, case, message):
+    s = dict(setup_dir)
+    extra = ["--global-batch", 4, "--batch-size", 4]
+    bad = tmp_path / "bad.json"
+    convo = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "urban"}]
+    if case == "missing checkpoint":
+        s["ckpt"] = tmp_path / "nowhere"
+    elif case == "missing data":
+        s["data"] = tmp_path / "nope.json"
+    elif case == "missing image folder":
+        s["images"] = tmp_path / "noimages"
+    elif case == "empty dataset":
+        bad.write_text("[]")
+        s["data"] = bad
+    elif case == "not divisible":
+        extra = ["--global-batch", 6, "--batch-size", 4]
+    elif case == "no conversations":
+        bad.write_text(json.dumps([{"id": 1, "image": "P0000.png"}]))
+        s["data"] = bad
+    elif case == "not alternating":
+        bad.write_text(json.dumps([{"id": 1, "image": "P0000.png", "conversations": [convo[0], convo[0]]}]))
+        s["data"] = bad
+    elif case == "image outside folder":
+        bad.write_text(json.dumps([{"id": 1, "image": "../../etc/passwd", "conversations": convo}]))
+        s["data"] = bad
+    elif case == "too few samples":
+        extra = ["--global-batch", 48, "--batch-size", 4]
+    elif case == "bad number":
+        extra = ["--batch-size", 0]
+    args = base_args(s, tmp_path / "out", *extra)
+    if case in ("config without tokenizer", "unknown config"):
+        i = args.index("--checkpoint")
+        args[i:i + 2] = ["--config", str(s["config"]) if case == "config without tokenizer" else "nonsense"]
+        if case == "unknown config":
+            args += ["--tokenizer", str(s["tokenizer"])]
+    with pytest.raises(SystemExit) as e:
+        run_main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train.py: error: "), err
+    assert __import__("re").search(message, err[0]), err[0]

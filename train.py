@@ -1,0 +1,695 @@
+"""Fine-tune GeoChat (LoRA, projector-only or full), on one process or many with FSDP2.
+
+    python train.py --checkpoint CKPT --data GeoChat_Instruct.json --image-folder IMAGES --out runs/lora
+    torchrun --nproc_per_node=8 train.py --checkpoint CKPT --data ... --image-folder ... --out ... --grad-ckpt
+
+Defaults follow SPEC "Training recipe": LoRA r=64 alpha=16 dropout 0.05 on every decoder linear
+except lm_head, the projector trained fully, the vision tower frozen; global batch 144, AdamW lr 2e-4,
+cosine with 3% linear warmup, weight decay 0, bf16, max length 2048, 1 epoch.
+
+Model setup (torchtitan order): build (from_pretrained, or on meta + init for --config) -> LoRA and
+trainable flags per --mode -> fp32 master copies of the trainable params -> per-block torch.compile
+(`Module.compile`, names stay clean) -> FSDP2 `fully_shard` per decoder block, then the root, when
+world_size > 1 (a frozen vision tower stays whole on every rank). Activation checkpointing runs
+`torch.utils.checkpoint` around each decoder block inside `CausalLMLoss.forward`, so no wrapper
+modules enter the state-dict names.
+
+Data order does not depend on the world size: ShardedSampler(seed, epoch) permutes the dataset; the
+global batch of step k is the permutation's slice [k*G, (k+1)*G) (G = --global-batch; the epoch's
+tail that does not fill a global batch is dropped). Rank r of W holds that permutation's entries
+r, r+W, r+2W, ... (ShardedSampler's rank slice), so its samples of step k are the global batch's
+entries r::W, cut into micro-batches of --batch-size. The loss is the sum of the token losses over
+the global batch divided by its number of labelled tokens (counted across ranks before the
+forward), so 1 process and N processes compute the same loss and gradients.
+
+Output directory (--out):
+  ckpt/                 the latest complete checkpoint: the trainable weights (adapter.safetensors +
+                        adapter_config.json for lora/projector; config.json + model.safetensors +
+                        tokenizer.model for full) and train_state.pt (step, epoch, data position,
+                        the full optimizer state gathered on rank 0, the lr schedule, the RNG state of
+                        every rank). Written as ckpt.tmp/, then swapped in by renames (ckpt ->
+                        ckpt.old, ckpt.tmp -> ckpt, ckpt.old removed), so a run killed mid-save keeps
+                        the previous checkpoint (--resume falls back to ckpt.old if the kill hit
+                        between the two renames).
+  adapter.safetensors, adapter_config.json (lora/projector) or config.json, model.safetensors,
+  tokenizer.model (full): hard links (or copies) of ckpt/'s weights, each replaced atomically, so
+                        `sample.py --lora OUT` / `GeoChat.from_pretrained(OUT)` read OUT directly.
+  metrics.jsonl         one line per step (rank 0); args.json, the command line's settings.
+
+--resume reloads ckpt/: base weights from --checkpoint (or --config init), the trainable weights,
+the optimizer state (stored unsharded, so any world size can resume it; rank 0 reads it and FSDP
+broadcasts it), the step and data position (the sampler restarts at that position of the same
+permutation) and each rank's RNG state (same world size; else every rank is reseeded from seed,
+rank and step). The lr is a pure function of the step. Settings that change the run's data order
+or shapes (mode, global batch, seed, dataset size, total steps, LoRA r/alpha) must match.
+
+Unlike model.llm(embeds), CausalLMLoss runs lm_head only at labelled positions (no (B, L, vocab)
+logits) and checkpoints blocks without wrapper modules; tests check it against model.llm's logits.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lora
+from data import IGNORE_INDEX, IMAGE_TOKEN_ID, InstructDataset, ShardedSampler, Tokenizer, collate
+from geochat import GEOCHAT_CONFIGS, NATIVE_FORMAT, GeoChat, GeoChatConfig
+
+MODES = ("lora", "projector", "full")
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+CKPT, CKPT_TMP, CKPT_OLD = "ckpt", "ckpt.tmp", "ckpt.old"
+TRAIN_STATE = "train_state.pt"
+# Dense bf16 peak FLOP/s per GPU, matched by substring of torch.cuda.get_device_name() (first match wins).
+PEAK_BF16_FLOPS = [
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12),
+    ("A10G", 125e12), ("A10", 125e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+    ("V100", 125e12), ("T4", 65e12),
+]
+
+
+class UsageError(Exception):
+    """A bad command line or input file: reported as one line, exit code 2."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(description="Fine-tune GeoChat (LoRA / projector / full), single process or torchrun + FSDP2.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint directory to fine-tune (any layout GeoChat.from_pretrained reads)")
+    src.add_argument("--config", help=f"train from scratch: a config name ({', '.join(GEOCHAT_CONFIGS)}) or our config.json")
+    p.add_argument("--tokenizer", help="tokenizer.model (default: the checkpoint's; required with --config)")
+    p.add_argument("--data", required=True, help="GeoChat_Instruct-style json")
+    p.add_argument("--image-folder", required=True, help="folder the records' image paths are relative to")
+    p.add_argument("--out", required=True, help="output directory (checkpoints, metrics.jsonl)")
+    p.add_argument("--mode", choices=MODES, default="lora")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--max-steps", type=int, help="optimizer steps to run (overrides --epochs)")
+    length.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=4, help="micro-batch per device")
+    p.add_argument("--global-batch", type=int, default=144, help="samples per optimizer step over all ranks")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--max-length", type=int, default=2048, help="tokens after splicing the image features in")
+    p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per decoder block")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder block")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end); 0: end only")
+    p.add_argument("--resume", action="store_true", help="continue from --out/ckpt")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers per rank (default 4 on cuda, 0 on cpu)")
+    p.add_argument("--lora-r", type=int, default=64)
+    p.add_argument("--lora-alpha", type=float, default=16)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Argument errors that need no file access."""
+    positive = {"--batch-size": args.batch_size, "--global-batch": args.global_batch, "--max-length": args.max_length,
+                "--lora-r": args.lora_r}
+    for flag, value in positive.items():
+        if value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UsageError(f"--max-steps must be >= 1, got {args.max_steps}")
+    if args.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+    if not 0 <= args.warmup_ratio <= 1:
+        raise UsageError(f"--warmup-ratio must be in [0, 1], got {args.warmup_ratio}")
+    if args.lr <= 0:
+        raise UsageError(f"--lr must be > 0, got {args.lr}")
+    if args.save_every < 0:
+        raise UsageError(f"--save-every must be >= 0, got {args.save_every}")
+    if args.config is not None and args.tokenizer is None:
+        raise UsageError("--config (training from scratch) needs --tokenizer PATH (a SentencePiece tokenizer.model)")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_dir():
+        raise UsageError(f"checkpoint directory {args.checkpoint} not found")
+    if not Path(args.data).is_file():
+        raise UsageError(f"data file {args.data} not found")
+    if not Path(args.image_folder).is_dir():
+        raise UsageError(f"image folder {args.image_folder} not found")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA device is available")
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed
+
+
+def init_distributed(device_type: str):
+    """(rank, world_size, device); a process group (gloo on CPU, NCCL on CUDA) only under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(device_type, local_rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_reduce_sum(t: torch.Tensor, world: int) -> torch.Tensor:
+    """Sum over ranks (a no-op on one process)."""
+    if world > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def barrier(world: int):
+    """Wait for every rank (a no-op on one process)."""
+    if world > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+
+class CausalLMLoss(nn.Module):
+    """GeoChat plus its training loss (the FSDP root): forward -> sum of the token cross entropies."""
+
+    def __init__(self, model: GeoChat, grad_ckpt: bool = False):
+        super().__init__()
+        self.model = model
+        self.grad_ckpt = grad_ckpt
+
+    def forward(self, input_ids, labels, images=None):
+        """Sum of CE(logits[t], labels[t+1]) over labelled positions of a right-padded batch."""
+        embeds, _, labels = self.model.embed_inputs(input_ids, images, None, labels)  # (B, L, D), (B, L)
+        llm = self.model.llm
+        # Right padding: pads come after every real token, so plain causal attention (no mask, the
+        # flash path) is exact at every labelled position; lm_head runs only where a label is.
+        hidden = llm.hidden_states(embeds, checkpoint_blocks=self.grad_ckpt)  # (B, L, D)
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX  # (B, L-1)
+        logits = llm.lm_head(hidden[:, :-1][keep])  # (n_labelled, vocab)
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
+def load_config(name_or_path: str) -> GeoChatConfig:
+    """A named config or our config.json."""
+    if name_or_path in GEOCHAT_CONFIGS:
+        return GeoChatConfig.from_name(name_or_path)
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise UsageError(f"--config {name_or_path!r} is neither a known config ({', '.join(GEOCHAT_CONFIGS)}) nor a file")
+    try:
+        return GeoChatConfig.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UsageError(f"{path}: not a GeoChat config.json ({type(e).__name__}: {e})") from None
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, seed: int):
+    """Deterministic init from seed (same on every rank and device): N(0, 0.02) matrices, 0 biases, 1 norms."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.ndim >= 2 or name.endswith("class_embed"):
+            value = torch.randn(p.shape, generator=g) * 0.02
+        elif name.endswith(".bias"):
+            value = torch.zeros(p.shape)
+        else:  # LayerNorm / RMSNorm weights
+            value = torch.ones(p.shape)
+        p.copy_(value)
+
+
+def build_model(args, dtype, device) -> GeoChat:
+    """The base model: from --checkpoint in `dtype`, or built on meta and initialised for --config."""
+    if args.checkpoint is not None:
+        return GeoChat.from_pretrained(args.checkpoint, dtype=dtype, device=device).train()
+    cfg = load_config(args.config)
+    with torch.device("meta"):
+        model = GeoChat(cfg)
+    model.to_empty(device=device)
+    init_weights(model, args.seed)
+    return model.to(dtype).train()
+
+
+def setup_trainable(model: GeoChat, args, dtype) -> list[str]:
+    """LoRA and requires_grad per --mode; trainable params become fp32 masters, frozen ones `dtype`."""
+    if args.mode == "lora":
+        lora.apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+        train_modules = ["projector"]
+    elif args.mode == "projector":
+        train_modules = ["projector"]
+    else:  # full: everything but a pretrained vision tower (a scratch one must learn too)
+        train_modules = ["projector", "llm"] + (["vision"] if args.config is not None else [])
+    lora.mark_trainable(model, train_modules)
+    for p in model.parameters():
+        p.data = p.data.to(torch.float32 if p.requires_grad else dtype)
+    return train_modules
+
+
+def apply_fsdp(loss_model: CausalLMLoss, world: int, device, dtype):
+    """FSDP2: fully_shard each decoder block (and trainable vision block), then the root; frozen vision whole."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    model = loss_model.model
+    vision_trains = any(p.requires_grad for p in model.vision.parameters())
+    if vision_trains:
+        for block in model.vision.blocks:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+    for i, block in enumerate(model.llm.layers):
+        # the last block's params are needed again first thing in backward: keep them gathered
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(model.llm.layers) - 1)
+    ignored = None if vision_trains else set(model.vision.parameters())
+    fully_shard(loss_model, mesh=mesh, mp_policy=mp, ignored_params=ignored, reshard_after_forward=False)
+
+
+def adamw(params, args, device) -> torch.optim.AdamW:
+    """AdamW over the trainable params; no weight decay on 1-d params (biases, norms), like HF Trainer."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.999),
+                             fused=device.type == "cuda")
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warmup over `warmup` steps (step 0 gets peak/warmup), then cosine down to 0 at step `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def forward_backward(loss_model, batch, scale: float, device, autocast) -> torch.Tensor:
+    """Backward of scale * (sum of token losses) of one micro-batch; returns the detached sum (float64)."""
+    images = batch["images"].to(device, non_blocking=True) if batch["images"] is not None else None
+    with autocast:
+        token_loss = loss_model(batch["input_ids"].to(device), batch["labels"].to(device), images)
+    (token_loss * scale).backward()
+    return token_loss.detach().double()
+
+
+def optimizer_step(trainable, optimizer) -> float:
+    """Clip the gradient norm to 1, step, zero the grads; returns the norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def peak_flops(device) -> float | None:
+    """Dense bf16 peak FLOP/s of this GPU, None when unknown or on CPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def collate_counting(items, pad_id):
+    """(collated batch or None, samples asked for, samples skipped) of one micro-batch's dataset items."""
+    return collate(items, pad_id), len(items), sum(item is None for item in items)
+
+
+def micro_batches(dataset, args, rank, world, epoch, step_in_epoch, steps_per_epoch, pad_id):
+    """This rank's micro-batches from (epoch, step_in_epoch) on, epoch after epoch (see module docstring)."""
+    per_rank = args.global_batch // world
+    workers = args.num_workers if args.num_workers is not None else (4 if args.device == "cuda" else 0)
+    sampler = ShardedSampler(len(dataset), rank, world, args.seed, shuffle=True)
+    while True:
+        sampler.set_epoch(epoch, start_index=step_in_epoch * per_rank)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
+            collate_fn=partial(collate_counting, pad_id=pad_id), generator=torch.Generator().manual_seed(args.seed),
+            persistent_workers=False, pin_memory=args.device == "cuda")
+        n_micro = (steps_per_epoch - step_in_epoch) * per_rank // args.batch_size
+        for i, micro in enumerate(loader):
+            if i == n_micro:
+                break
+            yield micro
+        epoch, step_in_epoch = epoch + 1, 0
+
+
+def n_labelled(batch) -> int:
+    """Labelled (shifted) target positions of a collated batch."""
+    return 0 if batch is None else int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def n_tokens(batch, n_image_tokens: int) -> int:
+    """Real tokens the decoder sees (text + spliced image features) in a collated batch."""
+    if batch is None:
+        return 0
+    n_images = 0 if batch["images"] is None else batch["images"].shape[0]
+    return int(batch["attention_mask"].sum()) + n_images * (n_image_tokens - 1)
+
+
+def with_image(batch, bos_id: int, pad_id: int, image_size: int):
+    """The batch plus an unlabelled dummy row with an image when it has none (so every rank runs every FSDP unit)."""
+    dummy_image = torch.zeros(1, 3, image_size, image_size)
+    if batch is None:
+        return dict(input_ids=torch.tensor([[bos_id, IMAGE_TOKEN_ID]]), labels=torch.full((1, 2), IGNORE_INDEX),
+                    images=dummy_image)
+    if batch["images"] is not None:
+        return batch
+    T = max(2, batch["input_ids"].shape[1])
+    ids = torch.full((batch["input_ids"].shape[0] + 1, T), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    ids[:-1, :batch["input_ids"].shape[1]] = batch["input_ids"]
+    labels[:-1, :batch["labels"].shape[1]] = batch["labels"]
+    ids[-1, :2] = torch.tensor([bos_id, IMAGE_TOKEN_ID])
+    return dict(input_ids=ids, labels=labels, images=dummy_image)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def find_checkpoint(out: Path) -> Path | None:
+    """The latest complete checkpoint directory under out (ckpt, else ckpt.old left by a kill mid-swap)."""
+    for name in (CKPT, CKPT_OLD):
+        if (out / name / TRAIN_STATE).is_file():
+            return out / name
+    return None
+
+
+def gather_full_state(model: nn.Module, rank: int) -> dict:
+    """The model's state dict, DTensor shards gathered (collective), on CPU on rank 0 ({} elsewhere)."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
+        if rank == 0:
+            state[name] = tensor.detach().to("cpu").contiguous()
+    return state
+
+
+def save_weights(model: GeoChat, directory: Path, args, tokenizer_path, rank, world):
+    """The trainable weights: an adapter (lora/projector) or the whole model in our layout (full)."""
+    if args.mode != "full":
+        lora.save_adapter(model, directory, extra_modules=("projector",))  # collective; rank 0 writes
+        return
+    if world == 1:
+        model.save_pretrained(directory, tokenizer_model=tokenizer_path)
+        return
+    from safetensors.torch import save_file
+
+    state = gather_full_state(model, rank)
+    if rank == 0:  # the files model.save_pretrained writes
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(directory / "model.safetensors"), metadata={"format": NATIVE_FORMAT})
+        (directory / "config.json").write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
+        shutil.copyfile(tokenizer_path, directory / "tokenizer.model")
+
+
+def optimizer_state(loss_model, optimizer, world) -> dict:
+    """The full (unsharded, FQN-keyed) optimizer state on rank 0 (collective under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(loss_model, optimizer, options=options)
+
+
+def load_optimizer_state(loss_model, optimizer, state: dict, world):
+    """Load a full optimizer state (rank 0's copy broadcast under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world > 1)
+    set_optimizer_state_dict(loss_model, optimizer, state, options=options)
+
+
+def rng_state(device) -> dict:
+    """This process's torch RNG states."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device):
+    """Restore rng_state()'s result."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def write_train_state(path: Path, state: dict):
+    """torch.save to a temp file, then rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def read_train_state(ckpt: Path, rank: int, world: int) -> dict:
+    """train_state.pt: read by rank 0 (memory-mapped), everything but the optimizer state broadcast to the others."""
+    state = torch.load(ckpt / TRAIN_STATE, map_location="cpu", mmap=True, weights_only=True) if rank == 0 else None
+    if world > 1:
+        box = [{k: v for k, v in state.items() if k != "optimizer"} if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        state = state if rank == 0 else box[0]
+    return state
+
+
+def export_weights(ckpt: Path, out: Path):
+    """Put ckpt's weight files at the top of out (hard link, else copy), each swapped in atomically."""
+    for f in sorted(ckpt.iterdir()):
+        if f.name == TRAIN_STATE or not f.is_file():
+            continue
+        tmp = out / f".{f.name}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(f, tmp)
+        except OSError:
+            shutil.copyfile(f, tmp)
+        os.replace(tmp, out / f.name)
+
+
+def save_checkpoint(out: Path, model, loss_model, optimizer, args, tokenizer_path, train_state: dict, rank, world, device):
+    """Write ckpt.tmp/ completely, then swap it in for ckpt/ (all ranks call this)."""
+    tmp = out / CKPT_TMP
+    if rank == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    barrier(world)
+    save_weights(model, tmp, args, tokenizer_path, rank, world)
+    optim = optimizer_state(loss_model, optimizer, world)
+    rngs = [None] * world
+    if world > 1:
+        dist.all_gather_object(rngs, rng_state(device))
+    else:
+        rngs[0] = rng_state(device)
+    if rank == 0:
+        tmp.mkdir(parents=True, exist_ok=True)
+        write_train_state(tmp / TRAIN_STATE, {**train_state, "optimizer": optim, "rng": rngs, "world_size": world})
+        current, old = out / CKPT, out / CKPT_OLD
+        if old.exists():
+            shutil.rmtree(old)
+        if current.exists():
+            os.replace(current, old)
+        os.replace(tmp, current)
+        if old.exists():
+            shutil.rmtree(old)
+        export_weights(current, out)
+    barrier(world)
+
+
+def load_trainable(model: GeoChat, ckpt: Path, args):
+    """Load the checkpoint's trainable weights into the (not yet sharded) model."""
+    if args.mode != "full":
+        lora.load_adapter(model, ckpt)
+        return
+    from safetensors.torch import load_file
+
+    model.load_state_dict(load_file(str(ckpt / "model.safetensors"), device=str(model.llm.embed_tokens.weight.device)))
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+
+
+def setup(args, rank, world, device):
+    """Tokenizer, dataset, model and run geometry; every input error raised here is a UsageError-like one."""
+    out = Path(args.out)
+    if args.global_batch % (args.batch_size * world):
+        raise UsageError(f"--global-batch {args.global_batch} is not divisible by --batch-size {args.batch_size} "
+                         f"x world size {world}")
+    ckpt = find_checkpoint(out)
+    if ckpt is not None and not args.resume:
+        raise UsageError(f"{out} already holds a checkpoint ({ckpt}); pass --resume to continue it or pick another --out")
+    tokenizer_path = Path(args.tokenizer) if args.tokenizer else Path(args.checkpoint) / "tokenizer.model"
+    if tokenizer_path.is_dir():
+        tokenizer_path = tokenizer_path / "tokenizer.model"
+    if not tokenizer_path.is_file():
+        raise UsageError(f"tokenizer {tokenizer_path} not found" + ("" if args.tokenizer else " (pass --tokenizer PATH)"))
+    tokenizer = Tokenizer(tokenizer_path)
+    dtype = DTYPES[args.dtype]
+    torch.manual_seed(args.seed)  # identical LoRA init on every rank
+    model = build_model(args, dtype, device)
+    cfg = model.cfg
+    if tokenizer.vocab_size > cfg.llm.vocab_size:
+        raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary only {cfg.llm.vocab_size}")
+    dataset = InstructDataset(args.data, args.image_folder, tokenizer, image_size=cfg.image_size,
+                              max_length=args.max_length, n_image_tokens=cfg.n_image_tokens)
+    if len(dataset) < args.global_batch:
+        raise UsageError(f"{args.data} has {len(dataset)} samples, fewer than one global batch ({args.global_batch})")
+    return out, ckpt, tokenizer, tokenizer_path, model, dataset
+
+
+def fail(message: str):
+    """Print one error line and exit with code 2."""
+    print(f"train.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv=None) -> dict:
+    """Train; returns a summary dict (final step, last loss) on every rank."""
+    args = parse_args(argv)
+    try:
+        check_args(args)
+    except UsageError as e:
+        fail(str(e))
+    rank, world, device = init_distributed(args.device)
+    try:
+        try:
+            out, ckpt, tokenizer, tokenizer_path, model, dataset = setup(args, rank, world, device)
+        except (UsageError, FileNotFoundError, ValueError) as e:
+            fail(str(e))
+        return train(args, rank, world, device, out, ckpt, tokenizer, tokenizer_path, model, dataset)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(args, rank, world, device, out, ckpt, tokenizer, tokenizer_path, model, dataset) -> dict:
+    """The training loop (see module docstring)."""
+    dtype = DTYPES[args.dtype]
+    cfg = model.cfg
+    setup_trainable(model, args, dtype)
+    steps_per_epoch = len(dataset) // args.global_batch
+    total_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
+    warmup = math.ceil(args.warmup_ratio * total_steps)
+    accum = args.global_batch // (args.batch_size * world)
+    state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "skipped": 0}
+    run_info = {"mode": args.mode, "global_batch": args.global_batch, "seed": args.seed, "dataset_len": len(dataset),
+                "total_steps": total_steps, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha}
+    if args.resume and ckpt is not None:
+        state = read_train_state(ckpt, rank, world)  # the optimizer state on rank 0 only
+        changed = {k: (state["run"].get(k), v) for k, v in run_info.items() if state["run"].get(k) != v}
+        if changed:
+            fail(f"cannot resume {ckpt}: settings differ from the checkpoint's (checkpoint, now): {changed}")
+        load_trainable(model, ckpt, args)
+    elif args.resume and rank == 0:
+        print(f"--resume: no checkpoint in {out}, starting from step 0")
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_llm_params = sum(p.numel() for p in model.llm.parameters())
+    if args.compile:
+        for layer in model.llm.layers:
+            layer.compile()
+    loss_model = CausalLMLoss(model, grad_ckpt=args.grad_ckpt)
+    if world > 1:
+        apply_fsdp(loss_model, world, device, dtype)
+    trainable = [p for p in loss_model.parameters() if p.requires_grad]  # after fully_shard: the DTensor params
+    optimizer = adamw(trainable, args, device)
+    if args.resume and ckpt is not None:
+        load_optimizer_state(loss_model, optimizer, state.pop("optimizer", {}), world)
+        if state.get("world_size") == world:
+            set_rng_state(state["rng"][rank], device)
+        else:
+            torch.manual_seed(args.seed + 1000 * rank + state["step"])
+    else:
+        torch.manual_seed(args.seed + rank)  # dropout differs across ranks
+    start_step, skipped_total = state["step"], state["skipped"]
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+        keep_metrics(out / "metrics.jsonl", start_step)
+        print(f"GeoChat {args.mode}: {n_params / 1e6:.1f}M params, {n_trainable / 1e6:.2f}M trainable; "
+              f"{len(dataset)} samples, {steps_per_epoch} steps/epoch, {total_steps} steps (warmup {warmup}), "
+              f"global batch {args.global_batch} = {args.batch_size} x {world} ranks x {accum} accumulation; "
+              f"{args.dtype} on {device}" + (f", from step {start_step}" if start_step else ""), flush=True)
+    autocast = torch.autocast(device.type, dtype=dtype) if world == 1 and dtype != torch.float32 else contextlib.nullcontext()
+    peak = peak_flops(device) if dtype == torch.bfloat16 else None
+    batches = micro_batches(dataset, args, rank, world, state["epoch"], state["step_in_epoch"], steps_per_epoch,
+                            tokenizer.pad_id)
+    bar = None
+    if rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+    metrics = {}
+    loss_model.train()
+    for step in range(start_step, total_steps):
+        t0 = time.perf_counter()
+        micro = [next(batches) for _ in range(accum)]
+        n_target = torch.tensor(sum(n_labelled(b) for b, _, _ in micro), dtype=torch.float64, device=device)
+        n_target = float(all_reduce_sum(n_target, world))  # labelled tokens of the global batch
+        lr = lr_at(step, total_steps, warmup, args.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for batch, _, _ in micro:
+            if world > 1:
+                batch = with_image(batch, tokenizer.bos_id, tokenizer.pad_id, cfg.image_size)
+            elif batch is None:
+                continue
+            # FSDP averages gradients over ranks: scale by world so they sum, i.e. d(global sum / global count)
+            loss_sum += forward_backward(loss_model, batch, world / max(n_target, 1.0), device, autocast)
+        grad_norm = optimizer_step(trainable, optimizer)
+        stats = torch.tensor([float(loss_sum), sum(n_tokens(b, cfg.n_image_tokens) for b, _, _ in micro),
+                              sum(n for _, n, _ in micro), sum(s for _, _, s in micro)], dtype=torch.float64)
+        stats = all_reduce_sum(stats.to(device), world).cpu()
+        elapsed = time.perf_counter() - t0
+        skipped_total += int(stats[3])
+        loss = float(stats[0]) / max(n_target, 1.0)
+        metrics = {"step": step + 1, "loss": loss, "lr": lr, "tokens": int(stats[1]),
+                   "tokens_per_s": float(stats[1]) / elapsed, "samples_per_s": float(stats[2] - stats[3]) / elapsed,
+                   "grad_norm": grad_norm, "skipped": skipped_total}
+        if peak is not None:
+            metrics["mfu"] = 6 * n_llm_params * metrics["tokens_per_s"] / (peak * world)
+        epoch, step_in_epoch = divmod(step + 1, steps_per_epoch)
+        if rank == 0:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{metrics['tokens_per_s']:.0f}"}
+            if "mfu" in metrics:
+                postfix["mfu"] = f"{100 * metrics['mfu']:.1f}%"
+            bar.set_postfix(postfix)
+            bar.update(1)
+        if step + 1 == total_steps or (args.save_every and (step + 1) % args.save_every == 0):
+            train_state = {"step": step + 1, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                           "skipped": skipped_total, "lr": lr, "schedule": {"warmup_steps": warmup, "total_steps": total_steps,
+                                                                           "peak_lr": args.lr, "kind": "linear-warmup-cosine"},
+                           "run": run_info}
+            save_checkpoint(out, model, loss_model, optimizer, args, tokenizer_path, train_state, rank, world, device)
+    if bar is not None:
+        bar.close()
+        skipped = dict(dataset.skipped)
+        print(f"done: {total_steps} steps, last loss {metrics.get('loss', float('nan')):.4f}, skipped samples "
+              f"{skipped_total}" + (f" {skipped}" if skipped else "") + f"; checkpoint in {out / CKPT}", flush=True)
+    return {"step": total_steps, "loss": metrics.get("loss"), "skipped": skipped_total}
+
+
+def keep_metrics(path: Path, upto_step: int):
+    """Drop metrics.jsonl lines past upto_step (a resumed run rewrites what the killed run logged after its checkpoint)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= upto_step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+if __name__ == "__main__":
+    main()
