@@ -596,11 +596,11 @@ SYNTH_SIZE_GRID = {
     "vehicle": ((8, 12), (5, 7)),
     "building": ((12, 28), (10, 22)),
 }
-SYNTH_COLORS = {
-    "plane": ((240, 240, 240), (212, 214, 220)),
-    "ship": ((242, 242, 238), (196, 42, 36)),
-    "storage tank": ((240, 240, 234),),
-    "vehicle": ((225, 35, 35), (40, 90, 235), (250, 250, 250), (20, 200, 210)),
+SYNTH_COLORS = {  # one colour family per class, so that a few-million-parameter model can learn them on a CPU
+    "plane": ((240, 240, 240), (214, 214, 222)),
+    "ship": ((196, 42, 36), (235, 120, 30)),
+    "storage tank": ((250, 215, 60),),
+    "vehicle": ((40, 90, 235), (20, 200, 210)),
     "building": ((150, 60, 45), (120, 44, 40), (178, 98, 66), (62, 60, 78)),
 }
 SYNTH_MARGIN_GRID = 1.0     # objects keep this far from the image border (grid units)

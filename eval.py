@@ -736,10 +736,12 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.limit is not None:
         todo = todo[: max(0, args.limit - len(done))]
     device = sample.pick_device(args.device)
-    engine = sample.load(args.checkpoint, device, sample.DTYPES[args.dtype or sample.default_dtype(device)], args.lora)
+    engine = sample.load(args.checkpoint, device, sample.DTYPES[args.dtype or sample.default_dtype(device)], args.lora,
+                         vision_tower=args.vision_tower)
     size, tok = engine.model.cfg.image_size, engine.tokenizer
     max_new = args.max_new_tokens or MAX_NEW_TOKENS[args.bench]
     failed = Counter()
+    os.makedirs(os.path.dirname(os.path.abspath(args.answers)), exist_ok=True)
     with open(args.answers, "a") as out, tqdm(total=len(todo), desc=f"{args.bench}", unit="q") as bar:
         for start in range(0, len(todo), args.batch_size):
             batch, prompts, images, rows = todo[start:start + args.batch_size], [], [], []
@@ -822,7 +824,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--answers", required=True, help="output answers JSONL")
     r.add_argument("--batch-size", type=int, default=1)
     r.add_argument("--limit", type=int, default=None)
-    r.add_argument("--lora", default=None)
+    r.add_argument("--lora", default=None, help="adapter directory written by train.py")
+    r.add_argument("--vision-tower", default=None, help="CLIP directory, for a release checkpoint without the tower's weights")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     r.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     r.add_argument("--max-new-tokens", type=int, default=None, help="default: per bench (scene/vqa 16, referring 96, ...)")

@@ -244,11 +244,11 @@ def default_dtype(device: torch.device) -> str:
     return {"cuda": "bfloat16", "mps": "float16"}.get(device.type, "float32")
 
 
-def load(checkpoint, device, dtype, lora=None, compile=False) -> Engine:
+def load(checkpoint, device, dtype, lora=None, compile=False, vision_tower=None) -> Engine:
     """Model (+ merged LoRA adapter) and tokenizer from a checkpoint directory, as an Engine."""
     checkpoint = Path(checkpoint)
     tokenizer = data.Tokenizer(checkpoint / "tokenizer.model")
-    model = GeoChat.from_pretrained(checkpoint, dtype=dtype, device=device)
+    model = GeoChat.from_pretrained(checkpoint, dtype=dtype, device=device, vision_tower=vision_tower)
     if lora is not None:  # merged into the base weights (computed in float32): no per-token LoRA cost
         import lora as lora_lib
 
@@ -292,6 +292,7 @@ def parse_args(argv=None):
     p.add_argument("--box", help="the region for --task identify: '{<x1><y1><x2><y2>|<θ>}'")
     p.add_argument("--classes", help="comma-separated classes for --task scene")
     p.add_argument("--lora", type=Path, help="adapter directory written by train.py")
+    p.add_argument("--vision-tower", type=Path, help="CLIP directory, for a release checkpoint without the tower's weights")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=None)
@@ -319,7 +320,7 @@ def run(args):
     pil_images = [data.load_image(p) for p in args.image]
     if not args.checkpoint.is_dir():
         raise FileNotFoundError(f"checkpoint directory {args.checkpoint} not found")
-    engine = load(args.checkpoint, device, dtype, args.lora, args.compile)
+    engine = load(args.checkpoint, device, dtype, args.lora, args.compile, args.vision_tower)
     size = engine.model.cfg.image_size
     images = torch.stack([data.preprocess_image(im, size) for im in pil_images])
     if args.interactive:

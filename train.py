@@ -90,6 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint directory to fine-tune (any layout GeoChat.from_pretrained reads)")
     src.add_argument("--config", help=f"train from scratch: a config name ({', '.join(GEOCHAT_CONFIGS)}) or our config.json")
+    p.add_argument("--vision-tower", help="CLIP directory, for a release checkpoint without the tower's weights")
     p.add_argument("--tokenizer", help="tokenizer.model (default: the checkpoint's; required with --config)")
     p.add_argument("--data", required=True, help="GeoChat_Instruct-style json")
     p.add_argument("--image-folder", required=True, help="folder the records' image paths are relative to")
@@ -231,7 +232,7 @@ def init_weights(model: nn.Module, seed: int):
 def build_model(args, dtype, device) -> GeoChat:
     """The base model: from --checkpoint in `dtype`, or built on meta and initialised for --config."""
     if args.checkpoint is not None:
-        return GeoChat.from_pretrained(args.checkpoint, dtype=dtype, device=device).train()
+        return GeoChat.from_pretrained(args.checkpoint, dtype=dtype, device=device, vision_tower=args.vision_tower).train()
     cfg = load_config(args.config)
     with torch.device("meta"):
         model = GeoChat(cfg)

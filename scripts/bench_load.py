@@ -78,13 +78,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gigabytes", type=float, default=2.2)
     p.add_argument("--dir", type=Path, default=None)
+    p.add_argument("--formats", nargs="+", default=["safetensors", "bin"], choices=["safetensors", "bin"])
     p.add_argument("--measure", nargs=2, metavar=("CKPT", "DTYPE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.measure:
         return measure(*args.measure)
     base = Path(args.dir or tempfile.mkdtemp())
     cases = []
-    for fmt in ("safetensors", "bin"):
+    for fmt in args.formats:
         ckpt = base / f"synthetic-{fmt}"
         write_checkpoint(ckpt, args.gigabytes, fmt)
         for dtype in ("float16", "bfloat16"):

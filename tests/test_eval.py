@@ -315,16 +315,15 @@ def test_score_region_caption():
     assert m["meteor"] == pytest.approx(((1 - 0.5 / 27) + 0.5 + 0) / 3)
 
 
-def test_format_table_and_run_stub():
+def test_format_table_and_run_with_a_missing_question_file(tmp_path, capsys):
     m = ev.score_scene([{"question_id": "a/1", "answer": "a"}])
     t = ev.format_table(m)
     assert "accuracy" in t and "per_class" in t
-    args = ev.build_parser().parse_args(
-        ["run", "--bench", "scene", "--questions", "q.jsonl", "--image-folder", "img",
-         "--checkpoint", "ck", "--answers", "a.jsonl", "--batch-size", "2", "--limit", "3",
-         "--device", "cpu", "--dtype", "float32"])
-    with pytest.raises(NotImplementedError):
-        ev.run_bench(args)
+    missing = tmp_path / "q.jsonl"
+    code = ev.main(["run", "--bench", "scene", "--questions", str(missing), "--image-folder", "img",
+                    "--checkpoint", "ck", "--answers", str(tmp_path / "a.jsonl"), "--batch-size", "2", "--limit", "3",
+                    "--device", "cpu", "--dtype", "float32"])
+    assert code == 2 and str(missing) in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------- CLI

@@ -273,7 +273,8 @@ def test_placeholder_image_count_mismatch(release_dir):
 
 def test_loading_peak_memory_stays_near_weight_size(tmp_path):
     # A small version of scripts/bench_load.py (the closing note reports it at 2+ GB).
-    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_load.py"), "--gigabytes", "0.25", "--dir", str(tmp_path)],
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_load.py"), "--gigabytes", "0.5", "--dir", str(tmp_path),
+                          "--formats", "safetensors"],
                          check=True, capture_output=True, text=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     for case in result["cases"]:

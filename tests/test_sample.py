@@ -250,3 +250,22 @@ def test_ctrl_c_during_streaming_exits_cleanly(tmp_path, sp_model_path):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130
     assert err.decode().strip() == "interrupted"
+
+
+def test_cli_lora_adapter_changes_the_answer(checkpoint, image_file, tmp_path):
+    import lora
+
+    model = GeoChat.from_pretrained(checkpoint, dtype=torch.float32)
+    lora.apply_lora(model, r=4, alpha=8, dropout=0.0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.5)  # a trained-looking adapter (B starts at zero)
+    lora.save_adapter(model, tmp_path / "adapter")
+    common = ["--checkpoint", checkpoint, "--image", image_file, "--task", "grounding", "--max-new-tokens", "8", "--json"]
+    plain, adapted = run_cli(*common), run_cli(*common, "--lora", tmp_path / "adapter")
+    assert plain.returncode == 0 and adapted.returncode == 0, adapted.stderr
+    assert json.loads(plain.stdout)["token_ids"] != json.loads(adapted.stdout)["token_ids"]
+    missing = run_cli(*common, "--lora", tmp_path / "nowhere")
+    assert missing.returncode == 2 and "nowhere" in missing.stderr

@@ -1,0 +1,68 @@
+"""Draw a training loss curve from train.py's metrics.jsonl as a PNG (Pillow only, no matplotlib).
+
+    python scripts/plot_loss.py runs/baby/metrics.jsonl docs/baby_loss.png
+"""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+WIDTH, HEIGHT, MARGIN = 900, 420, 60
+
+
+def moving_average(values: list, window: int) -> list:
+    """Trailing mean over `window` points."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot(steps: list, losses: list, title: str) -> Image.Image:
+    """A line chart of loss against step, raw in light grey and smoothed in blue, log-scaled y axis."""
+    img = Image.new("RGB", (WIDTH, HEIGHT), "white")
+    draw = ImageDraw.Draw(img)
+    lo, hi = math.log10(min(losses)), math.log10(max(losses))
+    lo, hi = math.floor(lo * 4) / 4, math.ceil(hi * 4) / 4
+    x_of = lambda s: MARGIN + (s - steps[0]) / max(1, steps[-1] - steps[0]) * (WIDTH - 2 * MARGIN)  # noqa: E731
+    y_of = lambda v: HEIGHT - MARGIN - (math.log10(v) - lo) / (hi - lo) * (HEIGHT - 2 * MARGIN)  # noqa: E731
+    draw.rectangle((MARGIN, MARGIN, WIDTH - MARGIN, HEIGHT - MARGIN), outline="black")
+    for k in range(int(lo * 4), int(hi * 4) + 1):
+        value = 10 ** (k / 4)
+        y = y_of(value)
+        draw.line((MARGIN, y, WIDTH - MARGIN, y), fill="#e5e5e5")
+        draw.text((8, y - 6), f"{value:.2f}", fill="black")
+    for i in range(6):
+        s = steps[0] + (steps[-1] - steps[0]) * i / 5
+        draw.text((x_of(s) - 12, HEIGHT - MARGIN + 8), f"{int(s)}", fill="black")
+    draw.line([(x_of(s), y_of(v)) for s, v in zip(steps, losses)], fill="#c8c8c8", width=1)
+    smooth = moving_average(losses, max(1, len(losses) // 50))
+    draw.line([(x_of(s), y_of(v)) for s, v in zip(steps, smooth)], fill="#1f5fbf", width=2)
+    draw.text((MARGIN, 20), title, fill="black")
+    draw.text((WIDTH // 2 - 20, HEIGHT - 25), "step", fill="black")
+    return img
+
+
+def main():
+    """Read metrics.jsonl, write the PNG."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("metrics", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--title", default="training loss (per step, log scale; blue: moving average)")
+    args = p.parse_args()
+    rows = [json.loads(line) for line in args.metrics.read_text().splitlines() if line.strip()]
+    if len(rows) < 2:
+        raise SystemExit(f"error: {args.metrics} holds fewer than two steps")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    plot([r["step"] for r in rows], [r["loss"] for r in rows], args.title).save(args.out)
+    print(f"wrote {args.out} ({len(rows)} steps, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f})")
+
+
+if __name__ == "__main__":
+    main()
