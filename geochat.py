@@ -23,11 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import IGNORE_INDEX, IMAGE_TOKEN_ID
 from llama import Llama, LlamaConfig
 from vit import HUB_VISION_TOWERS, VisionTower, ViTConfig, interpolate_pos_embed
 
-IMAGE_TOKEN_ID = -200  # the reference's IMAGE_TOKEN_INDEX placeholder in input_ids
-IGNORE_INDEX = -100
 NATIVE_FORMAT = "geochat-pytorch"
 PROJECTOR_TYPES = ("mlp2x_gelu",)
 
@@ -490,15 +489,14 @@ def load_checkpoint(path: Path, dtype, device, vision_tower=None) -> GeoChat:
         cfg, table = llava_hf_config(hf), LLAVA_HF_KEYS
     else:
         cfg, table = release_config(hf, clip_dir), LLAVA_RELEASE_KEYS
-    files = find_weight_files(path)
-    if table is None:  # our own names, mapped one to one
-        table = [(k, k) for k in WeightFile(files[0]).keys]
-    sources = collect_sources(files, table, str(path))
-    if clip_dir is not None and not any(k.startswith("vision.") for k in sources):
-        sources.update(collect_sources(find_weight_files(clip_dir), CLIP_KEYS, str(clip_dir)))
     with torch.device("meta"):
         model = GeoChat(cfg)
     expected = model.state_dict()
+    if table is None:  # our own names, mapped one to one
+        table = [(k, k) for k in expected]
+    sources = collect_sources(find_weight_files(path), table, str(path))
+    if clip_dir is not None and not any(k.startswith("vision.") for k in sources):
+        sources.update(collect_sources(find_weight_files(clip_dir), CLIP_KEYS, str(clip_dir)))
     state, problems, misshaped = {}, [], set()
     built_blocks = len(model.vision.blocks)
     for ours, (wf, stored) in sources.items():

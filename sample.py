@@ -71,6 +71,7 @@ class Session:
         self.key_valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)  # (B, S) filled slots
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) rotary position
         self.length = 0  # slots used
+        self.slots = torch.arange(capacity, device=device)  # cache_pos views, not a new tensor per step
         self.step_fn = compiled_step or decode_step
         self.static_shapes = compiled_step is not None
 
@@ -80,7 +81,7 @@ class Session:
         if self.length + T > self.capacity:
             raise PromptTooLong(f"the conversation needs {self.length + T} positions but the context holds {self.capacity}")
         start, end = self.length, self.length + T
-        slots = torch.arange(end, device=embeds.device)
+        slots = self.slots[:end]
         self.key_valid[:, start:end] = attention_mask
         positions = self.next_position[:, None] + attention_mask.long().cumsum(-1) - 1  # (B, T)
         causal = slots[None, :] <= slots[start:end, None]  # (T, end)
@@ -98,8 +99,7 @@ class Session:
         slot = self.length
         self.key_valid[:, slot] = True
         key_valid = self.key_valid if self.static_shapes else self.key_valid[:, : slot + 1]
-        cache_pos = torch.tensor([slot], device=tokens.device)
-        logits = self.step_fn(self.llm, tokens[:, None], self.next_position[:, None], cache_pos, key_valid)
+        logits = self.step_fn(self.llm, tokens[:, None], self.next_position[:, None], self.slots[slot: slot + 1], key_valid)
         self.next_position += 1
         self.length += 1
         return logits

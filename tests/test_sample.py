@@ -230,6 +230,9 @@ def test_ctrl_c_during_streaming_exits_cleanly(tmp_path, sp_model_path):
     # a checkpoint whose context is long enough to stream for a while
     ref = hf_ref.tiny_llava(seed=5, vocab_size=VOCAB)
     ref.config.text_config.max_position_embeddings = 4096
+    with torch.no_grad():  # sharp logits and a zero </s> row: it never stops on its own before the signal
+        ref.lm_head.weight.mul_(20)
+        ref.lm_head.weight[2] = 0
     clip_dir = hf_ref.save_clip_dir(ref, tmp_path / "clip", with_weights=False)
     ckpt = hf_ref.write_release(ref, tmp_path / "g", clip_dir=clip_dir)
     cfg = json.loads((ckpt / "config.json").read_text())
