@@ -41,3 +41,24 @@ def test_twenty_steps_from_scratch_lower_the_loss(tmp_path):
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 20
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+
+
+def test_baby_position_embeddings_go_through_the_interpolation_path(tmp_path):
+    # Like GeoChat running CLIP-336 at 504 px: the baby's 8x8 grid resized at load time for 192-px inputs.
+    import torch
+
+    from geochat import GeoChat
+    from vit import interpolate_pos_embed
+
+    bigger = tmp_path / "baby-192"
+    bigger.mkdir()
+    cfg = json.loads((BABY / "config.json").read_text())
+    (bigger / "config.json").write_text(json.dumps({**cfg, "image_size": 192}))
+    for name in ("model.safetensors", "tokenizer.model"):
+        (bigger / name).symlink_to(BABY / name)
+    base = GeoChat.from_pretrained(BABY, dtype=torch.float32)
+    model = GeoChat.from_pretrained(bigger, dtype=torch.float32)
+    assert base.vision.pos_embed.shape == (65, 192) and model.vision.pos_embed.shape == (145, 192)
+    assert torch.equal(model.vision.pos_embed, interpolate_pos_embed(base.vision.pos_embed, 12))
+    ids = torch.tensor([[1, -200, 5, 6]])
+    assert model(ids, torch.zeros(1, 3, 192, 192)).shape == (1, 3 + 144, model.cfg.llm.vocab_size)
