@@ -738,7 +738,7 @@ def run_bench(args: argparse.Namespace) -> int:
     device = sample.pick_device(args.device)
     engine = sample.load(args.checkpoint, device, sample.DTYPES[args.dtype or sample.default_dtype(device)], args.lora,
                          vision_tower=args.vision_tower)
-    size, tok = engine.model.cfg.image_size, engine.tokenizer
+    size = engine.model.cfg.image_size
     max_new = args.max_new_tokens or MAX_NEW_TOKENS[args.bench]
     failed = Counter()
     os.makedirs(os.path.dirname(os.path.abspath(args.answers)), exist_ok=True)
@@ -754,7 +754,7 @@ def run_bench(args: argparse.Namespace) -> int:
                     failed[type(e).__name__] += 1
                     rows.append(row)
                     continue
-                prompts.append(tok.encode_prompt(data.build_prompt([("<image>\n" + question_prompt(args.bench, q), None)])))
+                prompts.append(engine.prompt_ids(data.IMAGE_PLACEHOLDER + "\n" + question_prompt(args.bench, q)))
                 rows.append(row)
             if prompts:
                 answers = iter(engine.generate(prompts, torch.stack(images), max_new_tokens=max_new))

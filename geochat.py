@@ -28,6 +28,7 @@ from llama import Llama, LlamaConfig
 from vit import HUB_VISION_TOWERS, VisionTower, ViTConfig, interpolate_pos_embed
 
 NATIVE_FORMAT = "geochat-pytorch"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # command-line names
 PROJECTOR_TYPES = ("mlp2x_gelu",)
 
 

@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 
 import data
-from geochat import GeoChat
+from geochat import DTYPES, GeoChat
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "baby-geochat"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DEFAULT_QUESTIONS = {"vqa": "What is in the image?", "chat": "Describe the image in detail."}
 
 
@@ -116,6 +115,10 @@ class Engine:
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self.compiled_step = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+
+    def prompt_ids(self, user_text: str) -> list:
+        """Token ids of a one-question llava_v1 prompt (user_text holds "<image>\n" where the image goes)."""
+        return self.tokenizer.encode_prompt(data.build_prompt([(user_text, None)], "llava_v1"))
 
     def embed_prompts(self, prompts_ids, images):
         """Left-pad token lists into (B, T), splice images in: embeds (B, L, D) and mask (B, L)."""
@@ -325,7 +328,7 @@ def run(args):
     images = torch.stack([data.preprocess_image(im, size) for im in pil_images])
     if args.interactive:
         return interactive(engine, args, first_text, pil_images[0], images[:1])
-    prompt = engine.tokenizer.encode_prompt(data.build_prompt([(first_text, None)], "llava_v1"))
+    prompt = engine.prompt_ids(first_text)
     stream = not args.json and len(pil_images) == 1
     printer = StreamPrinter(engine.tokenizer) if stream else None
     results = engine.generate([prompt] * len(pil_images), images, args.max_new_tokens, args.temperature, args.top_k,
@@ -368,7 +371,7 @@ def interactive(engine: Engine, args, first_text, pil_image, image):
     tok = engine.tokenizer
     session = Session(engine.model, 1, engine.context, engine.compiled_step)
     printer = StreamPrinter(tok)
-    prompt_ids = tok.encode_prompt(data.build_prompt([(first_text, None)], "llava_v1"))
+    prompt_ids = engine.prompt_ids(first_text)
     turn = 0
     while True:
         if turn == 0:

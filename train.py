@@ -65,10 +65,9 @@ import torch.nn.functional as F
 
 import lora
 from data import IGNORE_INDEX, IMAGE_TOKEN_ID, InstructDataset, ShardedSampler, Tokenizer, collate
-from geochat import GEOCHAT_CONFIGS, NATIVE_FORMAT, GeoChat, GeoChatConfig
+from geochat import DTYPES, GEOCHAT_CONFIGS, NATIVE_FORMAT, GeoChat, GeoChatConfig
 
 MODES = ("lora", "projector", "full")
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 CKPT, CKPT_TMP, CKPT_OLD = "ckpt", "ckpt.tmp", "ckpt.old"
 TRAIN_STATE = "train_state.pt"
 # Dense bf16 peak FLOP/s per GPU, matched by substring of torch.cuda.get_device_name() (first match wins).
@@ -107,7 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=2048, help="tokens after splicing the image features in")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per decoder block")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder block")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end); 0: end only")
     p.add_argument("--resume", action="store_true", help="continue from --out/ckpt")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 def tiny_llava(seed=0, gqa=False, image_size=56, patch_size=14, vision_layers=3, vocab_size=256, dim=64, n_layers=2):
     """A random LlavaForConditionalGeneration (fp32, eval) with tiny CLIP and Llama configs."""
