@@ -83,8 +83,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one call; the same products as below
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x * rsqrt(mean(x^2) + eps), in float32
-        return self.weight * normed.to(x.dtype)
+        return self.weight * normed.to(x.dtype)  # HF rounds to the input dtype before the weight
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -139,8 +141,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None and cache_pos is not None:
             k, v = self.kv_cache.update(cache_pos, k, v)  # (B, Hkv, S, D)
-            if mask is not None and mask.shape[-1] < k.shape[2]:  # attend only to the slots the mask covers
-                k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
+            width = T if mask is None else mask.shape[-1]  # no mask: a causal prefill of slots 0..T-1
+            k, v = k[:, :, :width], v[:, :, :width]  # attend only to those slots
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
         )  # (B, H, T, D)
@@ -205,7 +207,8 @@ class Llama(nn.Module):
 
         positions (B, T): rotary positions (default 0..T-1); mask (B, 1, T, S) bool, None for causal;
         cache_pos (T,): KV-cache slots to write (needs setup_cache); then the mask's last dimension S
-        says how many leading cache slots are attended to. checkpoint_blocks recomputes each block
+        says how many leading cache slots are attended to, and without a mask cache_pos must be 0..T-1
+        (a first, unpadded prefill: causal attention over those T slots, the flash path). checkpoint_blocks recomputes each block
         in the backward pass (activation checkpointing) instead of keeping its activations.
         """
         B, T, _ = embeds.shape
@@ -215,8 +218,6 @@ class Llama(nn.Module):
             cos, sin = self.rope_table[0][positions][:, None], self.rope_table[1][positions][:, None]  # (B, 1, T, D)
         else:
             cos, sin = (t[:, None] for t in rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype))
-        if mask is not None:  # boolean -> additive, once for all layers
-            mask = torch.zeros(mask.shape, dtype=embeds.dtype, device=embeds.device).masked_fill_(~mask, float("-inf"))
         x = embeds
         for layer in self.layers:
             if checkpoint_blocks and torch.is_grad_enabled():

@@ -280,7 +280,7 @@ def adamw(params, args, device) -> torch.optim.AdamW:
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, betas=(0.9, 0.999),
-                             fused=device.type == "cuda")
+                             fused=device.type in ("cuda", "cpu"))  # one kernel for all params (FSDP2 DTensors too)
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:

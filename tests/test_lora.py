@@ -157,8 +157,21 @@ def test_apply_lora_matches_peft_eval():
     assert (ref_logits - base_logits).abs().max() > 1e-2  # the adapter really changes the output
 
 
+class UniformDropout(nn.Module):
+    """Inverted dropout drawn as ours draws it (a uniform per element, kept where >= p), to give peft our masks."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return x * (torch.rand_like(x) >= self.p) / (1 - self.p)
+
+
 def test_apply_lora_matches_peft_train_dropout_and_grads():
     ours, ref, names = wrap_like_peft(dropout=0.3)
+    for name in names:  # the same masks on both sides: peft's dropout draws from the RNG as ours does
+        ref.base_model.model.get_submodule(name).lora_dropout["default"] = UniformDropout(0.3)
     ref.train(), ours.train()
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     torch.manual_seed(123)
@@ -180,6 +193,27 @@ def test_apply_lora_matches_peft_train_dropout_and_grads():
     print(f"\nmax |ours - peft| logits (train, dropout 0.3): {diff:.3e}; LoRA grads: {grad_diff:.3e}")
     assert diff < 1e-5
     assert grad_diff < 1e-5
+
+
+def test_lora_dropout_rate_and_unbiased():
+    """Each input is kept with probability 1 - p and the kept ones are scaled by 1 / (1 - p), as nn.Dropout."""
+    p, n = 0.3, 4000
+    layer = LoRALinear(nn.Linear(n, 1, bias=False), r=1, alpha=1, dropout=p)
+    with torch.no_grad():
+        layer.base.weight.zero_()
+        layer.lora_A.fill_(1.0)
+        layer.lora_B.fill_(1.0)
+    x = torch.ones(1, n)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        draws = torch.stack([layer(x) for _ in range(200)]).flatten()  # (1 - p)^-1 * number kept
+        kept = draws * (1 - p) / n
+        assert (kept - (1 - p)).abs().max() < 0.04  # 5.5 sigma of one draw of 4000
+        assert abs(draws.mean().item() / n - 1.0) < 0.005  # unbiased: the mean equals the eval output
+        layer.eval()
+        assert layer(x).item() == n  # no dropout in eval
+    with pytest.raises(ValueError, match="dropout"):
+        LoRALinear(nn.Linear(4, 4), r=1, alpha=1, dropout=1.0)
 
 
 def test_fresh_wrap_is_identity_and_peft_init():
@@ -332,7 +366,7 @@ def test_save_load_round_trip(tmp_path):
     with torch.no_grad():
         fresh.projector.fc1.weight.mul_(0.5)  # ... but a different projector, which the adapter must overwrite
     wrapped = load_adapter(fresh, out)
-    assert len(wrapped) == 14 and lora_modules(fresh)["llm.layers.1.mlp.down_proj"].dropout.p == 0.05
+    assert len(wrapped) == 14 and lora_modules(fresh)["llm.layers.1.mlp.down_proj"].dropout == 0.05
     model.eval(), fresh.eval()
     x = torch.randn(2, 5, 3)
     with torch.no_grad():

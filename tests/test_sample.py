@@ -121,6 +121,18 @@ def test_decode_step_has_no_graph_break(engine):
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
 
+def test_compiled_engine_gives_the_eager_tokens(engine):
+    """--compile (static shapes, a C++ wrapper on CPU, a cache rounded up to 256 slots) changes no token, batched or not."""
+    compiled = sample.Engine(engine.model, engine.tokenizer, compile=True)
+    prompts = [prompt_for(engine, "[grounding] Describe the image in detail."), prompt_for(engine, "How many ships?")]
+    images = images_for(engine, 2, seed=11)
+    eager = engine.generate(prompts, images, max_new_tokens=20)
+    fast = compiled.generate(prompts, images, max_new_tokens=20)  # one graph: both calls need a 256-slot cache
+    assert [g.token_ids for g in fast] == [g.token_ids for g in eager]
+    assert compiled.generate(prompts[1:], images[1:], max_new_tokens=20)[0].token_ids == eager[1].token_ids
+    assert compiled.new_session(1, 300, 20).capacity == min(512, engine.context)  # sizes double from 256
+
+
 def test_interactive_keeps_cache_across_turns(engine):
     # A second turn appended to the kept cache equals the whole two-turn prompt computed from scratch.
     tok = engine.tokenizer
