@@ -207,9 +207,10 @@ class Llama(nn.Module):
 
         positions (B, T): rotary positions (default 0..T-1); mask (B, 1, T, S) bool, None for causal;
         cache_pos (T,): KV-cache slots to write (needs setup_cache); then the mask's last dimension S
-        says how many leading cache slots are attended to, and without a mask cache_pos must be 0..T-1
-        (a first, unpadded prefill: causal attention over those T slots, the flash path). checkpoint_blocks recomputes each block
-        in the backward pass (activation checkpointing) instead of keeping its activations.
+        says how many leading cache slots are attended to; without a mask cache_pos must be 0..T-1
+        (a first, unpadded prefill: causal attention over those T slots, the flash path).
+        checkpoint_blocks recomputes each block in the backward pass (activation checkpointing)
+        instead of keeping its activations.
         """
         B, T, _ = embeds.shape
         if positions is None:
