@@ -65,7 +65,7 @@ class LoRALinear(nn.Module):
         if self.training and self.dropout > 0:
             # Inverted dropout, as nn.Dropout: keep each input with probability 1 - p, scale by 1 / (1 - p).
             # A uniform draw turned into a 0/1 mask in place costs ~40% less than F.dropout on CPU (forward
-            # and backward); the 1 / (1 - p) joins alpha / r.
+            # and backward); the 1 / (1 - p) joins alpha / r. The saved mask has x's dtype (F.dropout: bool).
             x = x * torch.rand_like(x).ge_(self.dropout)
             scale = scale / (1.0 - self.dropout)
         update = F.linear(F.linear(x, self.lora_A), self.lora_B)
