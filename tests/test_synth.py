@@ -21,6 +21,12 @@ SCENE_PROMPT = ("Classify the given image in one of the following classes.\nClas
 VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
 
 
+# The opening words of each synthetic task's question (the scene question is matched whole).
+QUESTION_PREFIXES = [("[grounding] ", "grounding"), ("[refer] Give me the location of <p> ", "refer"),
+                     ("[identify] What is the object present at {", "identify"), ("Is there a", "presence"),
+                     ("How many", "count"), ("Are there more", "comparison")]
+
+
 def parse_boxes(text):
     return [tuple(int(v) for v in m.groups()) for m in BOX_RE.finditer(text)]
 
@@ -182,22 +188,9 @@ def test_conversations_format_and_tasks():
                 _boxes_well_formed(t["value"])
             for h in conv[0::2]:
                 q = h["value"].replace("<image>\n", "")
-                if q.startswith("[grounding] "):
-                    seen.add("grounding")
-                elif q.startswith("[refer] Give me the location of <p> "):
-                    seen.add("refer")
-                elif q.startswith("[identify] What is the object present at {"):
-                    seen.add("identify")
-                elif q == SCENE_PROMPT:
-                    seen.add("scene")
-                elif q.startswith("Is there a"):
-                    seen.add("presence")
-                elif q.startswith("How many"):
-                    seen.add("count")
-                elif q.startswith("Are there more"):
-                    seen.add("comparison")
-                else:
-                    raise AssertionError(q)
+                task = "scene" if q == SCENE_PROMPT else next((t for prefix, t in QUESTION_PREFIXES if q.startswith(prefix)), None)
+                assert task is not None, q
+                seen.add(task)
     assert seen == set(SYNTH_TASKS)
 
 
