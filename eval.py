@@ -1,18 +1,20 @@
-"""GeoChat-Bench scoring (and, later, answer generation).
+"""GeoChat-Bench: answer generation (`run`) and scoring (`score`).
 
 Usage::
 
-    python eval.py score --bench {scene,vqa,referring,grounding,region_caption} \\
-        --answers FILE.jsonl [--gt FILE] [--questions FILE] [--include-count] [--gt-size N]
-    python eval.py run ...   # generates an answers file with the model (see run_bench)
+    python eval.py run --bench BENCH --questions FILE.jsonl --image-folder DIR --checkpoint DIR --answers OUT.jsonl
+    python eval.py score --bench BENCH --answers OUT.jsonl [--gt FILE] [--questions FILE] [--include-count] [--gt-size N]
 
-``score`` prints a readable table and, as its LAST line, one JSON object with the metrics.
+BENCH is one of scene, vqa, referring, region_captioning (the names of the benches' files). ``score``
+needs no torch: it scores answer files of this project or of the original GeoChat scripts on any
+machine. It prints a readable table and, as its LAST line, one JSON object with the metrics.
 Answers files are JSON lines with ``question_id``, ``answer`` and the fields the reference's
 ``geochat/eval/batch_geochat_*.py`` scripts write (``image_id``, ``ground_truth``, ``question``,
-``type``, ``dataset``, ``obj_ids``, ``size_group`` ...). A line whose ``answer`` is missing or
-null (failed generation) counts as wrong and is reported under ``failed``. Fields missing from
-the answers (the reference's VQA script writes no ``category``) can be filled from the bench's
-question file with ``--questions`` (joined by ``question_id``).
+``type``, ``dataset``, ``obj_ids``, ``size_group`` ...); ``run`` adds ``bench`` to every row so that a
+file of another bench is refused. A line whose ``answer`` is missing or null (failed generation)
+counts as wrong and is reported under ``failed``. Fields missing from the answers (the reference's
+VQA script writes no ``category``) can be filled from the bench's question file with
+``--questions`` (joined by ``question_id``).
 
 Protocols
 ---------
@@ -26,12 +28,12 @@ vqa (RSVQA LRBEN / HRBEN)
     by question id. Category from ``category`` (else ``type``). The ``count`` category is
     excluded unless ``--include-count``. ``accuracy`` is over all scored questions, ``average``
     is the mean of the per-category accuracies (the paper's "avg").
-referring / grounding (``referring.jsonl``; same scorer)
+referring (``referring.jsonl``: rows of type ``ref`` and ``grounding``)
     Predicted boxes are parsed from ``answer``: GeoChat box strings ``{<x1><y1><x2><y2>|<θ>}``
-    (``data.parse_boxes``), else bracketed number lists of 4 ([x1,y1,x2,y2]), 5 ([..., θ]) or 8
+    (``boxes.parse_boxes``), else bracketed number lists of 4 ([x1,y1,x2,y2]), 5 ([..., θ]) or 8
     (a 4-corner polygon) numbers. Ground truth (``ground_truth``) may be a box string, 4/5-number
     boxes, 8-number polygons or lists of four [x, y] corners. A box (x1,y1,x2,y2,θ) is the
-    axis-aligned rectangle rotated by θ degrees about its centre (``data.box_polygon_grid``);
+    axis-aligned rectangle rotated by θ degrees about its centre (``boxes.box_polygon_grid``);
     reversed corners are sorted, θ is taken modulo 360. Predictions live on the 0-100 grid of the
     (padded, square) image; the released ``referring.jsonl`` stores ground-truth polygons in
     *pixels* of square images whose side is given by ``dataset`` (FAST 600, SIOR 800, SOTA 1024),
@@ -51,7 +53,7 @@ referring / grounding (``referring.jsonl``; same scorer)
     object, multi = more), by ``type`` (ref / grounding), and ``mean_iou_single``: over
     single-object samples, the best IoU between the object and any predicted box (0 when none).
     Rows whose ground truth holds no box are skipped and counted as ``no_gt``.
-region_caption
+region_captioning
     ``<p>``/``</p>`` tags and box strings are dropped; tokens are the lower-cased maximal runs of
     ASCII letters/digits. ROUGE-1 = F1 of clipped unigram overlap; ROUGE-L = F1 of the longest
     common subsequence (beta = 1). METEOR follows Banerjee & Lavie as implemented by NLTK
@@ -68,20 +70,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
+import tempfile
 from collections import Counter
 from typing import Any, Iterable, Sequence
 
-BENCHES = ("scene", "vqa", "referring", "grounding", "region_caption")
+from boxes import Box, Point, box_polygon_grid, parse_boxes, polygon_iou
+
+BENCHES = ("scene", "vqa", "referring", "region_captioning")  # also the names of the question files
 
 # Square image sides of the referring.jsonl source datasets (ground truth is in their pixels).
 DATASET_SIZES = {"FAST": 600, "SIOR": 800, "SOTA": 1024}
 
 IOU_THRESHOLD = 0.5
-_EPS = 1e-12
-
-Point = tuple[float, float]
 
 
 class InputError(ValueError):
@@ -91,27 +94,42 @@ class InputError(ValueError):
 # --------------------------------------------------------------------------- input
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """Read a JSON-lines file into a list of dicts (blank lines skipped; bad lines raise InputError)."""
+def _read_text(path: str) -> str:
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a text file (expected JSON lines)") from None
+
+
+def read_jsonl(path: str, drop_truncated_tail: bool = False) -> list[dict]:
+    """Read a JSON-lines file into a list of dicts (blank lines skipped; bad lines raise InputError).
+
+    With drop_truncated_tail, an unparsable last line without its newline (a write cut short by a
+    crash) is dropped with a warning instead.
+    """
+    text = _read_text(path)
+    lines = text.split("\n")
     rows = []
-    with open(path, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise InputError(f"{path}:{lineno}: not valid JSON") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{path}:{lineno}: not a JSON object")
-            rows.append(obj)
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            if drop_truncated_tail and lineno == len(lines):  # the last line, with no newline after it
+                print(f"warning: {path}:{lineno}: dropping a truncated last line", file=sys.stderr)
+                break
+            raise InputError(f"{path}:{lineno}: not valid JSON") from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{path}:{lineno}: not a JSON object")
+        rows.append(obj)
     return rows
 
 
 def load_records(path: str) -> list[dict]:
     """Read records from JSONL, a JSON list, a JSON dict wrapping one list, or a {id: answer} dict."""
-    with open(path, "r", encoding="utf-8") as f:
-        text = f.read()
+    text = _read_text(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -273,82 +291,6 @@ def score_vqa(rows: list[dict], gt: Iterable[dict] | dict | None = None,
             "per_category": per_cat}
 
 
-# --------------------------------------------------------------------------- geometry
-
-
-def _cross(o: Point, a: Point, b: Point) -> float:
-    return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
-
-
-def _convex_hull(points: Iterable[Point]) -> list[Point]:
-    """Counter-clockwise convex hull (monotone chain), collinear points dropped."""
-    pts = sorted(set((float(x), float(y)) for x, y in points))
-    if len(pts) < 3:
-        return pts
-    lower: list[Point] = []
-    for p in pts:
-        while len(lower) >= 2 and _cross(lower[-2], lower[-1], p) <= 0:
-            lower.pop()
-        lower.append(p)
-    upper: list[Point] = []
-    for p in reversed(pts):
-        while len(upper) >= 2 and _cross(upper[-2], upper[-1], p) <= 0:
-            upper.pop()
-        upper.append(p)
-    return lower[:-1] + upper[:-1]
-
-
-def _area(poly: Sequence[Point]) -> float:
-    s = 0.0
-    for i in range(len(poly)):
-        x1, y1 = poly[i]
-        x2, y2 = poly[(i + 1) % len(poly)]
-        s += x1 * y2 - x2 * y1
-    return abs(s) / 2.0
-
-
-def _clip(subject: list[Point], clipper: list[Point]) -> list[Point]:
-    """Sutherland-Hodgman: subject clipped by a convex counter-clockwise clipper."""
-    out = subject
-    m = len(clipper)
-    for i in range(m):
-        a, b = clipper[i], clipper[(i + 1) % m]
-        inp, out = out, []
-        if not inp:
-            break
-        s = inp[-1]
-        ds = _cross(a, b, s)
-        for e in inp:
-            de = _cross(a, b, e)
-            if de >= 0:
-                if ds < 0:
-                    t = ds / (ds - de)
-                    out.append((s[0] + t * (e[0] - s[0]), s[1] + t * (e[1] - s[1])))
-                out.append(e)
-            elif ds >= 0:
-                t = ds / (ds - de)
-                out.append((s[0] + t * (e[0] - s[0]), s[1] + t * (e[1] - s[1])))
-            s, ds = e, de
-    return out
-
-
-def polygon_iou(poly_a: Sequence[Point], poly_b: Sequence[Point]) -> float:
-    """Area IoU of two convex polygons (corner order free; zero-area polygons give 0.0)."""
-    a = _convex_hull(poly_a)
-    b = _convex_hull(poly_b)
-    if len(a) < 3 or len(b) < 3:
-        return 0.0
-    area_a, area_b = _area(a), _area(b)
-    if area_a <= _EPS or area_b <= _EPS:
-        return 0.0
-    inter_poly = _clip(a, b)
-    inter = _area(inter_poly) if len(inter_poly) >= 3 else 0.0
-    union = area_a + area_b - inter
-    if union <= _EPS:
-        return 0.0
-    return min(1.0, max(0.0, inter / union))
-
-
 # --------------------------------------------------------------------------- boxes
 
 
@@ -363,8 +305,6 @@ def _num(v: Any) -> float | None:
 
 
 def _box_poly(x1: float, y1: float, x2: float, y2: float, angle: float = 0.0) -> list[Point]:
-    from data import Box, box_polygon_grid  # lazy: data.py pulls in torch, only box benches need it
-
     x1, x2 = sorted((x1, x2))
     y1, y2 = sorted((y1, y2))
     return [(float(x), float(y)) for x, y in
@@ -391,8 +331,6 @@ _BRACKET_RE = re.compile(r"[\[(]\s*(" + _NUM + r"(?:\s*[,;\s]\s*" + _NUM + r")*)
 
 
 def _boxes_from_text(text: str) -> list[list[Point]]:
-    from data import parse_boxes
-
     boxes = parse_boxes(text)
     if boxes:
         return [_box_poly(b.x1, b.y1, b.x2, b.y2, b.angle or 0.0) for b in boxes]
@@ -618,7 +556,7 @@ def score_region_caption(rows: list[dict]) -> dict:
         r1.append(max(rouge_n(ans, ref, 1) for ref in refs))
         rl.append(max(rouge_l(ans, ref) for ref in refs))
         me.append(max(meteor(ans, ref) for ref in refs))
-    return {"bench": "region_caption", "n": len(r1), "failed": failed, "missing_gt": missing,
+    return {"bench": "region_captioning", "n": len(r1), "failed": failed, "missing_gt": missing,
             "rouge1": _mean(r1), "rougeL": _mean(rl), "meteor": _mean(me)}
 
 
@@ -661,182 +599,223 @@ def score_file(bench: str, answers: str, gt: str | None = None, questions: str |
                include_count: bool = False, gt_size: Any = None) -> dict:
     """Score an answers JSONL file for a bench; returns the metrics dict."""
     rows = read_jsonl(answers)
+    other = {str(r["bench"]) for r in rows if r.get("bench") not in (None, bench)}
+    if other:
+        raise InputError(f"{answers}: holds answers of bench {', '.join(sorted(other))}, not {bench}")
     if questions:
         rows = merge_questions(rows, load_records(questions))
     if bench == "scene":
         return score_scene(rows)
     if bench == "vqa":
         return score_vqa(rows, load_records(gt) if gt else None, include_count=include_count)
-    if bench in ("referring", "grounding"):
+    if bench == "referring":
         if gt:
             rows = merge_questions(rows, load_records(gt))
-        m = score_referring(rows, gt_size=gt_size)
-        m["bench"] = bench
-        return m
-    if bench == "region_caption":
+        return score_referring(rows, gt_size=gt_size)
+    if bench == "region_captioning":
         if gt:
             rows = merge_questions(rows, load_records(gt))
         return score_region_caption(rows)
     raise ValueError(f"unknown bench {bench!r}")
 
 
-# --------------------------------------------------------------------------- run (part 2)
+# --------------------------------------------------------------------------- run
+# Answer generation needs torch and the model: `run_bench` and `question_prompt` import them when
+# called, so that `score` (above) works on a machine without torch.
 
-# Answer generation: greedy, batched (left padding + attention mask), resumable.
+MAX_NEW_TOKENS = 256  # the reference's bench scripts generate up to 256 new tokens in every bench
+QUESTION_FIELD = {"scene": "text", "vqa": "text", "referring": "question", "region_captioning": "question"}
 
-RUN_BENCHES = ("scene", "vqa", "referring", "region_caption", "grounding_description")
-VQA_SUFFIX = "Answer the question using a single word or phrase."
-MAX_NEW_TOKENS = {"scene": 16, "vqa": 16, "referring": 96, "region_caption": 48, "grounding_description": 256}
+
+def read_questions(path: str, bench: str) -> list[dict]:
+    """A bench's question file, each row checked for an id, its prompt field and an image name."""
+    questions = read_jsonl(path)
+    if not questions:
+        raise InputError(f"{path}: no questions")
+    field = QUESTION_FIELD[bench]
+    for i, q in enumerate(questions, 1):
+        text = q.get(field)
+        if _qid(q) is None:
+            raise InputError(f"{path}: question {i} has no 'question_id'")
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"{path}: question {_qid(q)} has no '{field}' text (a {bench} question needs one)")
+        if not str(q.get("image") or q.get("image_id") or "").strip():
+            raise InputError(f"{path}: question {_qid(q)} names no 'image' or 'image_id'")
+    return questions
 
 
 def question_prompt(bench: str, q: dict) -> str:
-    """The user message (without <image>) for one bench question, in SPEC.md's task formats."""
-    import data
+    """The user message (without <image>) that the reference's bench scripts send for one question."""
+    from data import task_prompt
 
-    text = (q.get("text") or q.get("question") or "").strip()
-    if bench == "scene":
-        return text  # GeoChat-Bench scene files carry their whole prompt
-    if bench == "vqa":
-        return text if VQA_SUFFIX in text else data.task_prompt("vqa", question=text)
+    text = q[QUESTION_FIELD[bench]].strip()
     if bench == "referring":
-        return text if text.startswith(("[refer]", "[grounding]")) else data.task_prompt("refer", expression=text)
-    if bench == "region_caption":
-        return text if text.startswith("[identify]") else data.task_prompt("identify", box=text)
-    return text if text.startswith("[grounding]") else data.task_prompt("grounding", question=text or None)
+        if text.startswith(("[refer]", "[grounding]")):
+            return text
+        return task_prompt("refer", expression=text) if q.get("type", "ref") == "ref" else "[grounding]" + text
+    if bench == "region_captioning":
+        return text if text.startswith("[identify]") else task_prompt("identify", box=text)
+    return text  # scene and VQA files carry their whole prompt
 
 
-def image_path(folder: str, q: dict):
-    """The question's image file under folder (`image`, else `image_id`), stray whitespace stripped."""
-    from pathlib import Path
-
+def image_path(folder: str, q: dict) -> str:
+    """The question's image file under folder (`image`, else `image_id` with or without its extension)."""
     name = str(q.get("image") or q.get("image_id") or "").strip()
-    path = Path(folder) / name
-    if not name or (not path.exists() and not Path(name).suffix):
+    path = os.path.join(folder, name)
+    if not os.path.exists(path) and not os.path.splitext(name)[1]:
         for ext in (".png", ".jpg", ".jpeg", ".tif"):
-            if path.with_suffix(ext).exists():
-                return path.with_suffix(ext)
+            if os.path.exists(path + ext):
+                return path + ext
     return path
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    """Answer a GeoChat-Bench question file with the model into --answers (skipping ids already there), then score."""
-    import os
+def resume_answers(path: str, bench: str) -> list[dict]:
+    """Answer rows already in `path` worth keeping; a truncated last line and failed (null) answers are dropped."""
+    if not os.path.exists(path):
+        return []
+    rows = read_jsonl(path, drop_truncated_tail=True)
+    for row in rows:
+        if row.get("bench", bench) != bench:
+            raise InputError(f"{path}: holds answers of bench {row['bench']!r}, not {bench!r}; choose another --answers file")
+    kept = [row for row in rows if row.get("answer") is not None]
+    with open(path, encoding="utf-8") as f:
+        n_lines = sum(1 for line in f if line.strip())
+    if len(kept) != n_lines:  # rewrite without the dropped rows, atomically, so that they are answered again
+        print(f"{path}: {n_lines - len(kept)} failed or truncated answers will be generated again", file=sys.stderr)
+        directory = os.path.dirname(os.path.abspath(path))
+        with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp", encoding="utf-8") as tmp:
+            tmp.writelines(json.dumps(row) + "\n" for row in kept)
+        os.replace(tmp.name, path)
+    return kept
 
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Answer a bench's question file into --answers (resuming: ids answered before are skipped), then score it."""
     import torch
     from tqdm import tqdm
 
     import data
     import sample
 
-    questions = read_jsonl(args.questions)
-    done = set()
-    if os.path.exists(args.answers):
-        done = {str(_qid(r)) for r in read_jsonl(args.answers)}
-    todo = [q for q in questions if str(_qid(q)) not in done]
+    questions = read_questions(args.questions, args.bench)
+    if not os.path.isdir(args.image_folder):
+        raise InputError(f"--image-folder {args.image_folder}: no such directory")
+    os.makedirs(os.path.dirname(os.path.abspath(args.answers)), exist_ok=True)
+    done = {_qid(row) for row in resume_answers(args.answers, args.bench)}
+    todo = [q for q in questions if _qid(q) not in done]
     if args.limit is not None:
         todo = todo[: max(0, args.limit - len(done))]
     device = sample.pick_device(args.device)
     engine = sample.load(args.checkpoint, device, sample.DTYPES[args.dtype or sample.default_dtype(device)], args.lora,
-                         vision_tower=args.vision_tower)
+                         compile=args.compile, vision_tower=args.vision_tower)
     size = engine.model.cfg.image_size
-    max_new = args.max_new_tokens or MAX_NEW_TOKENS[args.bench]
     failed = Counter()
-    os.makedirs(os.path.dirname(os.path.abspath(args.answers)), exist_ok=True)
-    with open(args.answers, "a") as out, tqdm(total=len(todo), desc=f"{args.bench}", unit="q") as bar:
-        for start in range(0, len(todo), args.batch_size):
-            batch, prompts, images, rows = todo[start:start + args.batch_size], [], [], []
-            for q in batch:
-                row = dict(q)
-                try:
-                    images.append(data.preprocess_image(data.load_image(image_path(args.image_folder, q)), size))
-                except (OSError, ValueError) as e:  # a missing or broken image: a failed answer, reported
-                    row.update(answer=None, error=str(e))
-                    failed[type(e).__name__] += 1
+    try:
+        with open(args.answers, "a", encoding="utf-8") as out, tqdm(total=len(todo), desc=args.bench, unit="q") as bar:
+            for start in range(0, len(todo), args.batch_size):
+                batch, prompts, images, rows = todo[start:start + args.batch_size], [], [], []
+                for q in batch:
+                    row = dict(q, bench=args.bench)
+                    try:
+                        images.append(data.preprocess_image(data.load_image(image_path(args.image_folder, q)), size))
+                    except (OSError, ValueError) as e:  # a missing or broken image: a failed answer, retried next run
+                        row.update(answer=None, error=str(e))
+                        failed[type(e).__name__] += 1
+                    else:
+                        prompts.append(engine.prompt_ids(data.IMAGE_PLACEHOLDER + "\n" + question_prompt(args.bench, q)))
                     rows.append(row)
-                    continue
-                prompts.append(engine.prompt_ids(data.IMAGE_PLACEHOLDER + "\n" + question_prompt(args.bench, q)))
-                rows.append(row)
-            if prompts:
-                answers = iter(engine.generate(prompts, torch.stack(images), max_new_tokens=max_new))
-                for row in rows:
-                    if "error" not in row:
-                        row["answer"] = next(answers).text.strip()
-            for row in rows:
-                out.write(json.dumps(row) + "\n")
-            out.flush()
-            bar.update(len(batch))
+                if prompts:
+                    answers = iter(engine.generate(prompts, torch.stack(images), max_new_tokens=args.max_new_tokens))
+                    for row in rows:
+                        if "error" not in row:
+                            row["answer"] = next(answers).text.strip()
+                out.writelines(json.dumps(row) + "\n" for row in rows)
+                out.flush()
+                bar.update(len(batch))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the answers so far are kept in {args.answers}; run the same command to continue",
+              file=sys.stderr)
+        return 130
     if failed:
-        print(f"failed answers (missing or unreadable images): {dict(failed)}", file=sys.stderr)
-    if args.bench == "grounding_description":
-        rows = read_jsonl(args.answers)
-        with_boxes = sum(1 for r in rows if r.get("answer") and boxes_from_field(r["answer"]))
-        metrics = {"answers": len(rows), "failed": sum(r.get("answer") is None for r in rows), "with_boxes": with_boxes}
-    else:
-        metrics = score_file(args.bench, args.answers)
+        print(f"failed answers (missing or unreadable images, generated again next run): {dict(failed)}", file=sys.stderr)
+    metrics = score_file(args.bench, args.answers)
     print(format_table(metrics))
     print(json.dumps(metrics))
     return 0
 
 
+def _positive(flag: str, value, allow_none: bool = True):
+    if value is None and allow_none:
+        return
+    if value is None or not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
+        raise InputError(f"{flag} must be a positive number, got {value}")
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
-    try:
-        metrics = score_file(args.bench, args.answers, gt=args.gt, questions=args.questions,
-                             include_count=args.include_count, gt_size=args.gt_size)
-    except (InputError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    _positive("--gt-size", args.gt_size)
+    metrics = score_file(args.bench, args.answers, gt=args.gt, questions=args.questions,
+                         include_count=args.include_count, gt_size=args.gt_size)
     print(format_table(metrics))
     print(json.dumps(metrics))
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    try:
-        return run_bench(args)
-    except (InputError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit), ("--max-new-tokens", args.max_new_tokens)):
+        _positive(flag, value)
+    return run_bench(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The eval.py command-line parser (subcommands score and run)."""
-    p = argparse.ArgumentParser(prog="eval.py", description="GeoChat-Bench evaluation.")
+    """The eval.py command-line parser (subcommands run and score)."""
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="eval.py", description="GeoChat-Bench evaluation: generate answers, score them.",
+                                formatter_class=formatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("score", help="score an answers JSONL file")
-    s.add_argument("--bench", required=True, choices=BENCHES)
-    s.add_argument("--answers", required=True, help="answers JSONL")
+    r = sub.add_parser("run", help="answer a bench's questions with the model (resumable), then score",
+                       formatter_class=formatter)
+    r.add_argument("--bench", required=True, choices=BENCHES, help="which bench the question file belongs to")
+    r.add_argument("--questions", required=True, help="the bench's question JSONL (e.g. referring.jsonl)")
+    r.add_argument("--image-folder", required=True, help="folder holding the questions' images")
+    r.add_argument("--checkpoint", required=True, help="model directory (any layout GeoChat.from_pretrained reads)")
+    r.add_argument("--answers", required=True, help="answers JSONL: appended to, ids answered before are skipped")
+    r.add_argument("--batch-size", type=int, default=1, help="questions per left-padded batch")
+    r.add_argument("--limit", type=int, default=None, help="answer at most this many questions in all (default: every one)")
+    r.add_argument("--lora", default=None, help="adapter directory written by train.py (merged before answering)")
+    r.add_argument("--vision-tower", default=None, help="CLIP directory, for a release checkpoint without the tower's weights")
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
+    r.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="default: bfloat16 on cuda, float16 on mps, float32 on cpu")
+    r.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="per answer (the reference's bench scripts use 256)")
+    r.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    r.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("score", help="score an answers JSONL file (needs no torch)", formatter_class=formatter)
+    s.add_argument("--bench", required=True, choices=BENCHES, help="which bench the answers belong to")
+    s.add_argument("--answers", required=True, help="answers JSONL (ours or the original GeoChat scripts')")
     s.add_argument("--gt", default=None,
                    help="vqa: RSVQA answers file (JSON/JSONL, joined by question id); "
                         "other benches: records whose fields fill the answers' missing ones")
-    s.add_argument("--questions", default=None,
-                   help="the bench's question file; fills fields missing from answer rows")
+    s.add_argument("--questions", default=None, help="the bench's question file; fills fields missing from answer rows")
     s.add_argument("--include-count", action="store_true", help="vqa: keep the count category")
     s.add_argument("--gt-size", type=float, default=None,
-                   help="referring: ground truth is in pixels of an NxN image (else from 'dataset')")
+                   help="referring: ground truth is in pixels of an NxN image (default: from each row's 'dataset')")
     s.set_defaults(func=_cmd_score)
-
-    r = sub.add_parser("run", help="generate answers with the model")
-    r.add_argument("--bench", required=True, choices=RUN_BENCHES)
-    r.add_argument("--questions", required=True, help="GeoChat-Bench question JSONL")
-    r.add_argument("--image-folder", required=True)
-    r.add_argument("--checkpoint", required=True)
-    r.add_argument("--answers", required=True, help="output answers JSONL")
-    r.add_argument("--batch-size", type=int, default=1)
-    r.add_argument("--limit", type=int, default=None)
-    r.add_argument("--lora", default=None, help="adapter directory written by train.py")
-    r.add_argument("--vision-tower", default=None, help="CLIP directory, for a release checkpoint without the tower's weights")
-    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    r.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
-    r.add_argument("--max-new-tokens", type=int, default=None, help="default: per bench (scene/vqa 16, referring 96, ...)")
-    r.set_defaults(func=_cmd_run)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point."""
+    """CLI entry point: bad input is one line on stderr and exit code 2."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (InputError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Matches the reference LLaVA-style `GeoChatLlamaForCausalLM` and HF `LlavaForCond
 (https://github.com/huggingface/transformers/blob/main/src/transformers/models/llava/modeling_llava.py):
 the prompt's placeholder id (-200) is replaced by the projected patch features of one image.
 
-`GeoChat.from_pretrained(dir)` reads every layout listed in SPEC.md: the GeoChat / LLaVA-1.5
+`GeoChat.from_pretrained(dir)` reads every layout this project knows: the GeoChat / LLaVA-1.5
 release (sharded `.bin` or `.safetensors`, vision tower embedded with 577 or 1297 position rows or
 in its own CLIP directory), HF `llava-hf` (transformers 4.x and 5.x key names) and our own
 single-file safetensors. The model is built on the meta device and the weights are assigned from
@@ -23,10 +23,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import IGNORE_INDEX, IMAGE_TOKEN_ID
 from llama import Llama, LlamaConfig
 from vit import HUB_VISION_TOWERS, VisionTower, ViTConfig, interpolate_pos_embed
 
+IMAGE_TOKEN_ID = -200  # placeholder id in the prompt, replaced by the image features (the reference's IMAGE_TOKEN_INDEX)
+IGNORE_INDEX = -100  # label value that the loss ignores
 NATIVE_FORMAT = "geochat-pytorch"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}  # command-line names
 PROJECTOR_TYPES = ("mlp2x_gelu",)
@@ -386,13 +387,16 @@ def release_pages(t: torch.Tensor):
 
 
 def read_json(path: Path) -> dict:
-    """A json file's dict, with an error that names the file."""
+    """A json file's object, with an error that names the file."""
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,10 +5,16 @@ Matches HF `LlamaForCausalLM`
 RMSNorm, rotary position embeddings in the `rotate_half` convention, SwiGLU MLP, grouped-query
 attention when `n_kv_heads < n_heads`, no biases, an untied `lm_head`.
 
-Attention goes through `F.scaled_dot_product_attention`. Without a mask it runs causal
-(`is_causal=True`, flash kernels on GPU); with a mask (padding, KV cache) it takes a boolean
-(B, 1, T, S) mask where True means "may attend". The optional static KV cache (gpt-fast style) is
-preallocated per layer and written at `cache_pos`.
+Attention goes through `F.scaled_dot_product_attention`, with `is_causal=True` when no mask is given
+and otherwise a boolean (B, 1, T, S) mask where True means "may attend". Only the mask-free calls can
+reach the flash kernel on GPU (given fp16/bf16 and head_dim <= 256; flash also serves GQA):
+- the full-sequence forward of an unpadded batch, and training on right-padded batches (train.py
+  runs it without a mask: causal attention is exact at every labelled position);
+- the first, unpadded prefill into the KV cache (cache_pos 0..T-1, attending to those T slots).
+A mask rules flash out (SDPA falls back to a kernel that takes one: memory-efficient, math with GQA):
+- padded batches (a padded forward, a left-padded prefill) and every prefill after the first;
+- every single-token decode step against the KV cache, whose mask selects the filled slots.
+The optional static KV cache (gpt-fast style) is preallocated per layer and written at `cache_pos`.
 """
 
 from dataclasses import dataclass, fields
@@ -50,7 +56,8 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf: dict) -> "LlamaConfig":
-        """The config from the Llama fields of an HF `config.json`."""
+        """The config from the Llama fields of an HF `config.json`; refuses fields that would change the logits."""
+        check_hf_supported(hf)
         return cls(
             vocab_size=hf["vocab_size"],
             dim=hf["hidden_size"],
@@ -66,6 +73,23 @@ class LlamaConfig:
     def to_dict(self) -> dict:
         """Plain dict, for our own config.json."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def check_hf_supported(hf: dict) -> None:
+    """Raise ValueError, naming the field and its value, on an HF Llama config this decoder would compute wrongly."""
+    # pretraining_tp > 1 is accepted: HF (4.x) only splits the same matmuls into slices, the same logits up to rounding.
+    for field in ("rope_scaling", "rope_parameters"):  # transformers 4 / 5 names; rope_theta alone is plain RoPE
+        rope = hf.get(field) or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"{field}={rope!r} is not supported (only plain rotary embeddings: rope_type 'default')")
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):  # both are x * sigmoid(x) in HF
+        raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
+    for field in ("attention_bias", "mlp_bias"):
+        if hf.get(field):
+            raise ValueError(f"{field}={hf[field]!r} is not supported (the decoder has no biases)")
+    head_dim = hf["hidden_size"] // hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, head_dim):
+        raise ValueError(f"head_dim={hf['head_dim']!r} is not supported (only hidden_size / num_attention_heads = {head_dim})")
 
 
 LLAMA_CONFIGS = {
@@ -195,12 +219,6 @@ class Llama(nn.Module):
             layer.attn.kv_cache = KVCache(batch_size, self.cfg.n_kv_heads, max_seq_len, self.cfg.head_dim, dtype, device)
         # cos/sin of every position, looked up per step instead of recomputed (the same float32 values)
         self.rope_table = rope_cos_sin(torch.arange(self.cfg.max_seq_len, device=device), self.cfg.head_dim, self.cfg.rope_theta, dtype)
-
-    def clear_cache(self):
-        """Drop the KV caches (back to plain full-sequence forward)."""
-        for layer in self.layers:
-            layer.attn.kv_cache = None
-        self.rope_table = None
 
     def hidden_states(self, embeds, positions=None, mask=None, cache_pos=None, checkpoint_blocks: bool = False):
         """Final-norm hidden states (B, T, dim) for input embeddings (B, T, dim).

@@ -1,8 +1,8 @@
-"""LoRA for GeoChat: wrap the language model's linears, train them with the projector, save both.
+"""LoRA for GeoChat: wrap the language model's linears, save and load them as one adapter file.
 
-Recipe (SPEC "Training recipe"): r=64, alpha=16, dropout 0.05 on every linear of the language
-model except lm_head; the projector is trained fully; the vision tower stays frozen. Unlike the
-reference, the adapter file holds the projector too, so an adapter alone restores a tuned model.
+Recipe (the paper's and the reference script's): r=64, alpha=16, dropout 0.05 on every linear of the
+language model except lm_head; the projector and the vision tower stay frozen. When a run also
+trains the projector, the adapter file holds it too, so an adapter alone restores a tuned model.
 
 Names are matched on the module tree, so the same code serves our GeoChat model (`llm.layers.*`)
 and a bare HF LlamaForCausalLM (`model.layers.*`, use `under=""`). Wrapper segments inserted by
@@ -123,7 +123,7 @@ def apply_lora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float 
     """Wrap every nn.Linear named in `targets` below `under` in a LoRALinear; return the wrapped names."""
     targets = tuple(targets)
     if "lm_head" in targets:
-        raise ValueError("lm_head is never LoRA-wrapped (SPEC: every linear of the language model except lm_head)")
+        raise ValueError("lm_head is never LoRA-wrapped (the recipe adapts every linear of the language model except lm_head)")
     under = under or ""
     matches = []
     for raw, module in model.named_modules():
@@ -254,13 +254,30 @@ def _listing(names: Iterable[str], limit: int = 20) -> str:
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
+def _check_lora_layers(model: nn.Module, config: dict, adapter_dir: str | os.PathLike) -> None:
+    """Refuse merged LoRA layers, and LoRA layers whose r / alpha / dropout differ from the adapter's config."""
+    for _, name, module in _lora_modules(model):
+        if module.merged:
+            raise ValueError(f"load_adapter: {name} is merged into its base weight, which would keep the old update; "
+                             f"call unmerge_lora(model) before loading {adapter_dir}")
+        mismatched = [f"{field}={config[field]} in the adapter but {field}={getattr(module, field)} in {name}"
+                      for field in ("r", "alpha", "dropout") if config[field] != getattr(module, field)]
+        if mismatched:
+            raise ValueError(f"load_adapter: {adapter_dir} does not match the model's LoRA layers: {'; '.join(mismatched)} "
+                             f"(load it into a model without LoRA layers: they are then created from the adapter's config)")
+
+
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, lora_dtype: torch.dtype | None = None) -> list[str]:
-    """Wrap the model as the adapter's config says (unless already wrapped) and load its tensors strictly."""
+    """Wrap the model as the adapter's config says (unless already wrapped alike) and load its tensors strictly."""
     config = read_adapter_config(adapter_dir)
+    _check_lora_layers(model, config, adapter_dir)
     weights_path = Path(adapter_dir) / ADAPTER_WEIGHTS
     if not weights_path.is_file():
         raise FileNotFoundError(f"adapter weights not found: {weights_path}")
-    tensors = load_file(str(weights_path))
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as e:  # a truncated or corrupt file: say which one
+        raise ValueError(f"{weights_path}: cannot read adapter weights ({type(e).__name__}: {e})") from None
     if _lora_modules(model):
         wrapped = [name for _, name, _ in _lora_modules(model)]
     elif not config["targets"]:  # projector-only adapter: nothing to wrap

@@ -11,22 +11,34 @@ graph breaks. Greedy at temperature 0, otherwise temperature / top-k / top-p sam
 
 import argparse
 import json
+import math
+import os
+import re
+import secrets
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image, ImageDraw
 
 import data
-from geochat import DTYPES, GeoChat
+from boxes import box_polygon, parse_boxes
+from geochat import DTYPES, GeoChat, read_json
+from synthetic.scenes import SCENE_CLASSES as BABY_SCENE_CLASSES
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "baby-geochat"
 MIN_COMPILED_CAPACITY = 256  # smallest KV cache of a compiled session; sizes double from here
 DEFAULT_QUESTIONS = {"vqa": "What is in the image?", "chat": "Describe the image in detail."}
+NON_FINITE = -1  # the token a row gets when its logits hold NaN or Inf (checked before the stop token)
 
 
 class PromptTooLong(ValueError):
+    pass
+
+
+class NonFiniteLogits(ValueError):
     pass
 
 
@@ -157,9 +169,9 @@ class Engine:
                             seed=None, on_token=None):
         """Decode up to max_new_tokens per row after `logits`; stop rows at </s>. Returns ids per row (no stop token)."""
         generator = None
-        if temperature > 0:
+        if temperature > 0:  # without a seed a fresh one: torch.seed() would reseed the global generators too
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(seed if seed is not None else torch.seed())
+            generator.manual_seed(seed if seed is not None else secrets.randbits(64))
         B = logits.shape[0]
         eos = self.tokenizer.eos_id
         done = [False] * B  # rows that produced </s>: kept on the host, no tensor op per step
@@ -168,7 +180,10 @@ class Engine:
         ids = [eos] * B
         budget = min(max_new_tokens, session.capacity - session.length)
         for step in range(budget):
-            tokens = sample_next(logits, temperature, top_k, top_p, generator)
+            finite = torch.isfinite(logits).all(-1)  # (B,): checked on the host with the tokens, no extra sync
+            if temperature > 0:  # multinomial refuses NaN (on CUDA with a device-side assert)
+                logits = logits.where(finite[:, None], 0.0)
+            tokens = sample_next(logits, temperature, top_k, top_p, generator).masked_fill(~finite, NON_FINITE)
             if finished is not None:
                 tokens = tokens.masked_fill(finished, eos)  # stopped rows go on feeding </s>
             ids = tokens.tolist()
@@ -176,6 +191,10 @@ class Engine:
             for b, t in enumerate(ids):
                 if done[b]:
                     continue
+                if t == NON_FINITE:
+                    where = "after the prompt" if step == 0 else f"at step {step + 1} of the answer"
+                    raise NonFiniteLogits(f"the model's logits are NaN or infinite {where} "
+                                          "(broken weights, or an overflow: try --dtype float32)")
                 if t == eos:
                     done[b] = stopped = True
                 else:
@@ -226,15 +245,13 @@ def box_records(answer: str, width: int, height: int) -> list:
     """The answer's boxes as dicts: label, x1, y1, x2, y2, angle (0-100 grid) and the polygon in original pixels."""
     return [
         {"label": b.label, "x1": b.x1, "y1": b.y1, "x2": b.x2, "y2": b.y2, "angle": b.angle,
-         "polygon": [[round(x, 2), round(y, 2)] for x, y in data.box_polygon(b, width, height)]}
-        for b in data.parse_boxes(answer)
+         "polygon": [[round(x, 2), round(y, 2)] for x, y in box_polygon(b, width, height)]}
+        for b in parse_boxes(answer)
     ]
 
 
 def draw_boxes(image, boxes: list):
     """A copy of the original image with each rotated box and its label drawn on it."""
-    from PIL import ImageDraw
-
     canvas = image.convert("RGB")
     draw = ImageDraw.Draw(canvas)
     thickness = max(1, round(max(canvas.size) / 250))
@@ -254,17 +271,19 @@ def draw_boxes(image, boxes: list):
 # ---------------------------------------------------------------------------------------------
 # Command line.
 
+BOX_OPTION_RE = re.compile(r"\{<(-?\d+)><(-?\d+)><(-?\d+)><(-?\d+)>(?:\|<(-?\d+)>)?\}")  # integers; |<θ> optional
+TASK_OPTIONS = {"--prompt": ("grounding", "refer", "vqa", "caption", "chat"), "--box": ("identify",), "--classes": ("scene",)}
+
 
 def pick_device(name: str) -> torch.device:
-    """The device for --device (auto: cuda, then mps, then cpu)."""
+    """The device for --device (auto: cuda, then mps, then cpu); ValueError for one this machine lacks."""
+    mps = torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
+    if name == "mps" and not mps:
+        raise ValueError("--device mps: no MPS device is available (it needs Apple silicon and a torch built with MPS)")
     return torch.device(name)
 
 
@@ -276,6 +295,11 @@ def default_dtype(device: torch.device) -> str:
 def load(checkpoint, device, dtype, lora=None, compile=False, vision_tower=None) -> Engine:
     """Model (+ merged LoRA adapter) and tokenizer from a checkpoint directory, as an Engine."""
     checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {checkpoint} not found")
+    config = checkpoint / "config.json"
+    if not isinstance(read_json(config), dict):  # GeoChat.from_pretrained would fail on it with an AttributeError
+        raise ValueError(f"{config}: expected a JSON object")
     tokenizer = data.Tokenizer(checkpoint / "tokenizer.model")
     model = GeoChat.from_pretrained(checkpoint, dtype=dtype, device=device, vision_tower=vision_tower)
     if lora is not None:  # merged into the base weights (computed in float32): no per-token LoRA cost
@@ -288,67 +312,142 @@ def load(checkpoint, device, dtype, lora=None, compile=False, vision_tower=None)
     return Engine(model, tokenizer, compile=compile)
 
 
+def check_args(args):
+    """Refuse option values and combinations that cannot work (ValueError), before anything is loaded."""
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed)):
+        if value is not None and args.temperature == 0:
+            raise ValueError(f"{flag} only applies when sampling: add --temperature above 0")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.seed is not None and not 0 <= args.seed < 2 ** 64:
+        raise ValueError(f"--seed must be in [0, 2**64), got {args.seed}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.interactive and len(args.image) > 1:
+        raise ValueError("--interactive chats about one image: give --image once")
+    if args.interactive and args.json:
+        raise ValueError("--interactive does not support --json: it streams text")
+    for flag, tasks in TASK_OPTIONS.items():
+        if getattr(args, flag[2:]) is not None and args.task not in tasks:
+            raise ValueError(f"--task {args.task} does not use {flag} (only --task {', '.join(tasks)})")
+    if args.out is not None:
+        check_out(args.out, args.image)
+
+
+def check_out(out: Path, images: list):
+    """Refuse an --out that cannot be written or that would overwrite one of the --image files (ValueError)."""
+    if not out.suffix:
+        raise ValueError(f"--out {out}: the name needs an image extension such as .png")
+    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:
+        raise ValueError(f"--out {out}: unknown image format {out.suffix!r} (try .png or .jpg)")
+    folder = out.parent
+    if not folder.exists():
+        raise ValueError(f"--out {out}: directory {folder} does not exist")
+    if not folder.is_dir():
+        raise ValueError(f"--out {out}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {out}: directory {folder} is not writable")
+    for i in range(len(images)):
+        path = out_path(out, i, len(images))
+        if path.is_dir():
+            raise ValueError(f"--out {path} is a directory")
+        for image in images:
+            if path.exists() and image.exists() and path.samefile(image):
+                raise ValueError(f"--out {path} is the input image {image}: it would be overwritten")
+
+
+def check_box(text: str) -> str:
+    """--box stripped, if it is one '{<x1><y1><x2><y2>|<θ>}' of integers: x1 <= x2, y1 <= y2 in 0-100, θ in [-360, 360]."""
+    box = text.strip()
+    match = BOX_OPTION_RE.fullmatch(box)
+    if match is None:
+        raise ValueError(f"malformed --box {text!r}: expected one '{{<x1><y1><x2><y2>|<θ>}}' of integers (|<θ> may be left out)")
+    x1, y1, x2, y2, angle = (int(v or 0) for v in match.groups())
+    if not all(0 <= v <= 100 for v in (x1, y1, x2, y2)):
+        raise ValueError(f"--box {text!r}: the corners must lie on the 0-100 grid")
+    if x1 > x2 or y1 > y2:
+        raise ValueError(f"--box {text!r}: needs x1 <= x2 and y1 <= y2 (the corners before the rotation)")
+    if not -360 <= angle <= 360:
+        raise ValueError(f"--box {text!r}: the angle must be in [-360, 360] degrees")
+    return box
+
+
+def scene_classes(args) -> list:
+    """--classes as a list of names, or the Baby GeoChat's classes when it is the checkpoint."""
+    if args.classes is not None:
+        classes = [name.strip() for name in args.classes.split(",") if name.strip()]
+        if not classes:
+            raise ValueError(f"--classes {args.classes!r} names no class: expected 'a, b, c'")
+        return classes
+    if args.checkpoint.resolve() == DEFAULT_CHECKPOINT:
+        return list(BABY_SCENE_CLASSES)
+    raise ValueError("--task scene needs --classes 'a, b, c' (only the shipped Baby GeoChat has default classes)")
+
+
 def user_text(args) -> str:
-    """The first user message for --task (SPEC.md's task prompts), with the <image> placeholder."""
+    """The first user message for --task (the task prompts GeoChat was tuned on, data.task_prompt), with the <image> placeholder."""
     if args.task == "identify":
-        if not args.box:
+        if args.box is None:
             raise ValueError("--task identify needs --box '{<x1><y1><x2><y2>|<θ>}'")
-        boxes = data.parse_boxes(args.box)
-        b = boxes[0] if len(boxes) == 1 else None
-        if b is None or not args.box.strip().startswith("{") or not all(0 <= v <= 100 for v in (b.x1, b.y1, b.x2, b.y2)):
-            raise ValueError(f"malformed --box {args.box!r}: expected one '{{<x1><y1><x2><y2>|<θ>}}' on the 0-100 grid")
-        text = data.task_prompt("identify", box=args.box.strip())
+        text = data.task_prompt("identify", box=check_box(args.box))
     elif args.task == "refer":
         if not args.prompt:
             raise ValueError("--task refer needs --prompt 'the object to locate'")
         text = data.task_prompt("refer", expression=args.prompt)
     elif args.task == "scene":
-        classes = args.classes or (", ".join(data.SCENE_CLASSES) if args.checkpoint == DEFAULT_CHECKPOINT else None)
-        if not classes:
-            raise ValueError("--task scene needs --classes 'a, b, c'")
-        text = data.task_prompt("scene", question=args.prompt, classes=classes)
+        text = data.task_prompt("scene", classes=scene_classes(args))
     else:
         text = data.task_prompt(args.task, question=args.prompt or DEFAULT_QUESTIONS.get(args.task))
     return data.IMAGE_PLACEHOLDER + "\n" + text
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Chat with GeoChat about aerial images.")
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="model directory (default: the shipped Baby GeoChat)")
+    """The command line's options."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT,
+                   help="model directory, any layout GeoChat.from_pretrained reads (the default: the shipped Baby GeoChat)")
     p.add_argument("--image", type=Path, action="append", required=True, help="image file; repeat for a batch")
-    p.add_argument("--task", choices=data.TASKS, default="grounding")
-    p.add_argument("--prompt", help="the question (vqa, chat, scene, grounding, caption) or the expression (refer)")
-    p.add_argument("--box", help="the region for --task identify: '{<x1><y1><x2><y2>|<θ>}'")
-    p.add_argument("--classes", help="comma-separated classes for --task scene")
-    p.add_argument("--lora", type=Path, help="adapter directory written by train.py")
+    p.add_argument("--task", choices=data.TASKS, default="grounding", help="what to ask: GeoChat's task prompts (README)")
+    p.add_argument("--prompt", help="the question (grounding, vqa, caption, chat) or the object to locate (refer); "
+                                    "None: the task's default question")
+    p.add_argument("--box", help="the region for --task identify: '{<x1><y1><x2><y2>|<θ>}', integers on the 0-100 grid, "
+                                 "x1 <= x2, y1 <= y2, θ in [-360, 360] degrees (|<θ> may be left out)")
+    p.add_argument("--classes", help="comma-separated classes for --task scene; None: the shipped Baby GeoChat's "
+                                     "four (that checkpoint only)")
+    p.add_argument("--lora", type=Path, help="adapter directory written by train.py, merged into the weights")
     p.add_argument("--vision-tower", type=Path, help="CLIP directory, for a release checkpoint without the tower's weights")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on CUDA, float16 on MPS, float32 on CPU")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens per answer")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling at this temperature")
+    p.add_argument("--top-p", type=float, default=None, help="sampling: keep the likeliest tokens holding this much "
+                                                             "probability, in (0, 1]; None: all")
+    p.add_argument("--top-k", type=int, default=None, help="sampling: keep the k likeliest tokens; None: all")
+    p.add_argument("--seed", type=int, default=None, help="sampling: seed for repeatable answers; None: a fresh one")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="None: bfloat16 on CUDA, float16 on MPS, float32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    p.add_argument("--out", type=Path, help="PNG with the answer's boxes drawn (index appended for several images)")
+    p.add_argument("--out", type=Path, help="image file with the answer's boxes drawn (index appended for several "
+                                            "images); never one of the --image files")
     p.add_argument("--json", action="store_true", help="print one JSON object per answer instead of streaming text")
-    p.add_argument("--interactive", action="store_true", help="multi-turn chat about the (first) image")
+    p.add_argument("--interactive", action="store_true", help="multi-turn chat about one image (Ctrl-D or 'exit' ends it)")
     return p.parse_args(argv)
 
 
 def out_path(out: Path, index: int, count: int) -> Path:
     """--out for image `index` of `count`."""
-    return out if count == 1 else out.with_name(f"{out.stem}_{index}{out.suffix or '.png'}")
+    return out if count == 1 else out.with_name(f"{out.stem}_{index}{out.suffix}")
 
 
 def run(args):
-    """Load, answer every image, print / draw the results."""
+    """Check the arguments, load, answer every image, print the answers, then draw their boxes."""
+    check_args(args)
+    first_text = user_text(args)
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype or default_dtype(device)]
-    first_text = user_text(args)
     pil_images = [data.load_image(p) for p in args.image]
-    if not args.checkpoint.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {args.checkpoint} not found")
     engine = load(args.checkpoint, device, dtype, args.lora, args.compile, args.vision_tower)
     size = engine.model.cfg.image_size
     images = torch.stack([data.preprocess_image(im, size) for im in pil_images])
@@ -361,70 +460,102 @@ def run(args):
                               args.top_p, args.seed, on_token=printer.on_token if printer else None)
     if printer:
         printer.finish()
-    for i, (res, im, path) in enumerate(zip(results, pil_images, args.image)):
-        boxes = box_records(res.text, *im.size)
-        if args.out:
-            draw_boxes(im, boxes).save(out_path(args.out, i, len(pil_images)))
+    boxes = [box_records(res.text, *im.size) for res, im in zip(results, pil_images)]
+    for res, path, image_boxes in zip(results, args.image, boxes):
         if args.json:
-            print(json.dumps({"image": str(path), "answer": res.text, "boxes": boxes, "token_ids": res.token_ids,
+            print(json.dumps({"image": str(path), "answer": res.text, "boxes": image_boxes, "token_ids": res.token_ids,
                               "prefill_ms": round(res.prefill_ms, 2), "decode_tokens_per_s": round(res.decode_tokens_per_s, 2)}))
         elif not stream:
             print(f"[{path}] {res.text}")
+    if args.out:
+        unwritten = []
+        for i, (im, image_boxes) in enumerate(zip(pil_images, boxes)):
+            path = out_path(args.out, i, len(pil_images))
+            try:
+                draw_boxes(im, image_boxes).save(path)
+            except OSError as e:
+                unwritten.append(f"{path} ({e})")
+        if unwritten:
+            raise OSError(f"--out: could not write {', '.join(unwritten)}")
 
 
 class StreamPrinter:
-    """Prints a row's text as its tokens arrive (decoding the whole answer so pieces join correctly)."""
+    """Prints a row's text as its tokens arrive; a character whose byte pieces are still arriving waits for the last one."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.ids, self.shown = tokenizer, [], ""
 
     def on_token(self, row, token):
+        """Print what `token` adds (the whole answer is decoded, so pieces join as in the final text)."""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
+        self._show(self.tokenizer.decode(self.ids).rstrip("\ufffd"))  # an unfinished UTF-8 character decodes to U+FFFD
+
+    def finish(self):
+        """Print the rest (bytes that never made a character show as U+FFFD, as in the final text) and a newline."""
+        self._show(self.tokenizer.decode(self.ids))
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        self.ids, self.shown = [], ""
+
+    def _show(self, text):
         if text.startswith(self.shown):
             sys.stdout.write(text[len(self.shown):])
             sys.stdout.flush()
             self.shown = text
 
-    def finish(self):
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        self.ids, self.shown = [], ""
+
+def read_turn(tokenizer, session) -> list | None:
+    """The next question's ids for the kept cache, asked until one fits; None when the user ends the chat."""
+    while True:
+        try:
+            question = input("USER: ").strip()
+        except EOFError:  # Ctrl-D: the shell's prompt goes on a new line
+            sys.stdout.write("\n")
+            return None
+        if question in ("exit", "quit"):
+            return None
+        if not question:
+            continue
+        # what the reference's template adds after an answer: "</s>USER: {question} ASSISTANT:"
+        ids = session.unfed[0] + [tokenizer.eos_id] + tokenizer.encode(f"USER: {question} ASSISTANT:", continuation=True)
+        left = session.capacity - session.length
+        if len(ids) < left:  # room for the turn and at least one answer token
+            return ids
+        print(f"that turn does not fit: it needs {len(ids)} positions and an answer, {left} of the context's "
+              f"{session.capacity} are left; ask something shorter, or start a new chat", file=sys.stderr)
 
 
 def interactive(engine: Engine, args, first_text, pil_image, image):
-    """Multi-turn chat about one image; the KV cache is kept between turns."""
+    """Multi-turn chat about one image; the KV cache is kept between turns and a turn that does not fit is refused."""
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:  # not on every platform
+        pass
     tok = engine.tokenizer
-    session = Session(engine.model, 1, engine.context, engine.compiled_step)
     printer = StreamPrinter(tok)
-    prompt_ids = engine.prompt_ids(first_text)
-    turn = 0
+    embeds, mask = engine.embed_prompts([engine.prompt_ids(first_text)], image)
+    session = engine.new_session(1, embeds.shape[1], engine.context)  # the whole context: later turns add to it
+    sys.stdout.write(f"USER: {first_text.split(chr(10), 1)[-1]}\n")
     while True:
-        if turn == 0:
-            embeds, mask = engine.embed_prompts([prompt_ids], image)
-        else:
-            try:
-                question = input("USER: ").strip()
-            except EOFError:
-                break
-            if question in ("", "exit", "quit"):
-                break
-            # what the reference's template adds after an answer: "</s>USER: {question} ASSISTANT:"
-            ids = session.unfed[0] + [tok.eos_id] + tok.encode(f"USER: {question} ASSISTANT:")
-            embeds, mask = engine.embed_prompts([ids], None)
         with torch.inference_mode():
             logits = session.prefill(embeds, mask)
-        sys.stdout.write("ASSISTANT: " if turn else f"USER: {first_text.split(chr(10), 1)[-1]}\nASSISTANT: ")
+        sys.stdout.write("ASSISTANT: ")
         answer = engine.continue_generation(session, logits, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                                             args.seed, printer.on_token)[0]
         printer.finish()
         if args.out:
-            draw_boxes(pil_image, box_records(tok.decode(answer), *pil_image.size)).save(args.out)
-        turn += 1
+            try:
+                draw_boxes(pil_image, box_records(tok.decode(answer), *pil_image.size)).save(args.out)
+            except OSError as e:  # the chat goes on
+                print(f"error: --out: could not write {args.out} ({e})", file=sys.stderr)
+        ids = read_turn(tok, session)
+        if ids is None:
+            return
+        embeds, mask = engine.embed_prompts([ids], None)
 
 
 def main(argv=None):
-    """CLI entry point: clear one-line errors with exit code 2, Ctrl-C exits cleanly."""
+    """CLI entry point: bad input is one line on stderr and exit code 2, Ctrl-C exits cleanly with 130."""
     args = parse_args(argv)
     try:
         run(args)
@@ -432,7 +563,7 @@ def main(argv=None):
         sys.stdout.write("\n")
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -3,9 +3,11 @@
     python train.py --checkpoint CKPT --data GeoChat_Instruct.json --image-folder IMAGES --out runs/lora
     torchrun --nproc_per_node=8 train.py --checkpoint CKPT --data ... --image-folder ... --out ... --grad-ckpt
 
-Defaults follow SPEC "Training recipe": LoRA r=64 alpha=16 dropout 0.05 on every decoder linear
-except lm_head, the projector trained fully, the vision tower frozen; global batch 144, AdamW lr 2e-4,
-cosine with 3% linear warmup, weight decay 0, bf16, max length 2048, 1 epoch.
+Defaults follow the paper and the reference script: LoRA r=64 alpha=16 dropout 0.05 on every decoder linear
+except lm_head, the projector and the vision tower frozen (--train-projector trains the projector too);
+global batch 144, AdamW lr 2e-4, cosine with 3% linear warmup (transformers'
+get_cosine_schedule_with_warmup, step by step), weight decay 0, bf16 (on cuda and on CPUs with native
+bf16), text truncated at 2048 ids (the <image> placeholder counted as one; its features come on top), 1 epoch.
 
 Model setup (torchtitan order): build (from_pretrained, or on meta + init for --config) -> LoRA and
 trainable flags per --mode -> fp32 master copies of the trainable params -> per-block torch.compile
@@ -27,21 +29,25 @@ Output directory (--out):
                         adapter_config.json for lora/projector; config.json + model.safetensors +
                         tokenizer.model for full) and train_state.pt (step, epoch, data position,
                         the full optimizer state gathered on rank 0, the lr schedule, the RNG state of
-                        every rank). Written as ckpt.tmp/, then swapped in by renames (ckpt ->
-                        ckpt.old, ckpt.tmp -> ckpt, ckpt.old removed), so a run killed mid-save keeps
-                        the previous checkpoint (--resume falls back to ckpt.old if the kill hit
+                        every rank). Written and fsynced as ckpt.tmp/, then swapped in by renames
+                        (ckpt -> ckpt.old, ckpt.tmp -> ckpt, ckpt.old removed; ckpt.old is only ever
+                        removed while a complete ckpt/ exists), so a run killed at any point of a save
+                        keeps a complete checkpoint (--resume falls back to ckpt.old if the kill hit
                         between the two renames).
   adapter.safetensors, adapter_config.json (lora/projector) or config.json, model.safetensors,
   tokenizer.model (full): hard links (or copies) of ckpt/'s weights, each replaced atomically, so
                         `sample.py --lora OUT` / `GeoChat.from_pretrained(OUT)` read OUT directly.
-  metrics.jsonl         one line per step (rank 0); args.json, the command line's settings.
+  metrics.jsonl         one line per step (rank 0), never deleted: a resume drops only the lines past
+                        its checkpoint's step; a new run refuses an --out whose metrics.jsonl has no
+                        checkpoint beside it. args.json, the command line's settings.
 
---resume reloads ckpt/: base weights from --checkpoint (or --config init), the trainable weights,
-the optimizer state (stored unsharded, so any world size can resume it; rank 0 reads it and FSDP
-broadcasts it), the step and data position (the sampler restarts at that position of the same
-permutation) and each rank's RNG state (same world size; else every rank is reseeded from seed,
-rank and step). The lr is a pure function of the step. Settings that change the run's data order
-or shapes (mode, global batch, seed, dataset size, total steps, LoRA r/alpha) must match.
+--resume (an error when --out holds no checkpoint) reloads ckpt/: base weights from --checkpoint (or
+--config init), the trainable weights, the optimizer state (stored unsharded, so any world size can
+resume it; rank 0 reads it and FSDP broadcasts it), the step and data position (the sampler restarts
+at that position of the same permutation) and each rank's RNG state (same world size; else every rank
+is reseeded from seed, rank and step). The lr is a pure function of the step. Settings that change the
+run's data order or shapes (mode, trained modules, global batch, seed, dataset size, total steps, LoRA
+r/alpha) must match. Ctrl-C stops with exit code 130, keeping the last complete checkpoint.
 
 Unlike model.llm(embeds), CausalLMLoss runs lm_head only at labelled positions (no (B, L, vocab)
 logits) and checkpoints blocks without wrapper modules; tests check it against model.llm's logits.
@@ -64,12 +70,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-from data import IGNORE_INDEX, IMAGE_TOKEN_ID, InstructDataset, ShardedSampler, Tokenizer, collate
-from geochat import DTYPES, GEOCHAT_CONFIGS, NATIVE_FORMAT, GeoChat, GeoChatConfig
+from data import InstructDataset, ShardedSampler, Tokenizer, collate
+from geochat import DTYPES, GEOCHAT_CONFIGS, IGNORE_INDEX, IMAGE_TOKEN_ID, NATIVE_FORMAT, GeoChat, GeoChatConfig
 
 MODES = ("lora", "projector", "full")
 CKPT, CKPT_TMP, CKPT_OLD = "ckpt", "ckpt.tmp", "ckpt.old"
 TRAIN_STATE = "train_state.pt"
+METRICS = "metrics.jsonl"
+# Fault injection for tests only: GEOCHAT_TEST_KILL_AT="<save step>:<train step>" makes the save of that
+# train step os._exit(KILL_EXIT_CODE) right after that save step.
+KILL_AT_ENV = "GEOCHAT_TEST_KILL_AT"
+KILL_EXIT_CODE = 86
+SAVE_STEPS = ("tmp-cleared", "weights-written", "state-written", "old-cleared", "ckpt-moved-to-old",
+              "tmp-moved-to-ckpt", "old-removed", "weights-exported")
 # Dense bf16 peak FLOP/s per GPU, matched by substring of torch.cuda.get_device_name() (first match wins).
 PEAK_BF16_FLOPS = [
     ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
@@ -83,39 +96,57 @@ class UsageError(Exception):
     """A bad command line or input file: reported as one line, exit code 2."""
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    """The command line."""
-    p = argparse.ArgumentParser(description="Fine-tune GeoChat (LoRA / projector / full), single process or torchrun + FSDP2.")
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    p = argparse.ArgumentParser(description="Fine-tune GeoChat (LoRA / projector / full), single process or torchrun + FSDP2.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint directory to fine-tune (any layout GeoChat.from_pretrained reads)")
     src.add_argument("--config", help=f"train from scratch: a config name ({', '.join(GEOCHAT_CONFIGS)}) or our config.json")
     p.add_argument("--vision-tower", help="CLIP directory, for a release checkpoint without the tower's weights")
-    p.add_argument("--tokenizer", help="tokenizer.model (default: the checkpoint's; required with --config)")
+    p.add_argument("--tokenizer", help="tokenizer.model; None: the checkpoint's (required with --config)")
     p.add_argument("--data", required=True, help="GeoChat_Instruct-style json")
     p.add_argument("--image-folder", required=True, help="folder the records' image paths are relative to")
     p.add_argument("--out", required=True, help="output directory (checkpoints, metrics.jsonl)")
-    p.add_argument("--mode", choices=MODES, default="lora")
+    p.add_argument("--mode", choices=MODES, default="lora",
+                   help="lora: LoRA on the decoder, the projector frozen (see --train-projector); projector: the "
+                        "projector only; full: everything but a pretrained vision tower")
+    p.add_argument("--train-projector", action="store_true",
+                   help="--mode lora: also train the projector fully and save it in the adapter (the reference keeps "
+                        "it frozen)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--max-steps", type=int, help="optimizer steps to run (overrides --epochs)")
-    length.add_argument("--epochs", type=int, default=1)
+    length.add_argument("--epochs", type=int, default=1, help="passes over the dataset")
     p.add_argument("--batch-size", type=int, default=4, help="micro-batch per device")
     p.add_argument("--global-batch", type=int, default=144, help="samples per optimizer step over all ranks")
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--warmup-ratio", type=float, default=0.03)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--max-length", type=int, default=2048, help="tokens after splicing the image features in")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--warmup-ratio", type=float, default=0.03,
+                   help="linear warmup over ceil(ratio x steps) steps, then cosine to 0")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of matrices (not biases, norms)")
+    p.add_argument("--max-length", type=int, default=2048,
+                   help="text ids kept per sample (the reference's model_max_length), the <image> placeholder counted "
+                        "as one; the image features come on top")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per decoder block")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder block")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="compute dtype of the frozen weights and autocast; auto: bfloat16 on cuda and on CPUs with "
+                        "native bf16 (AVX512-BF16 or AMX), else float32")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end); 0: end only")
-    p.add_argument("--resume", action="store_true", help="continue from --out/ckpt")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers per rank (default 4 on cuda, 0 on cpu)")
-    p.add_argument("--lora-r", type=int, default=64)
-    p.add_argument("--lora-alpha", type=float, default=16)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
-    return p.parse_args(argv)
+    p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint (an error when none is there)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to train")
+    p.add_argument("--seed", type=int, default=0, help="data order, LoRA init and dropout seed")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader workers per rank; None: 4 on cuda, 0 on cpu")
+    p.add_argument("--lora-r", type=int, default=64, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha (the update is scaled by alpha / r)")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA branch's input")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line."""
+    return build_parser().parse_args(argv)
 
 
 def check_args(args):
@@ -135,6 +166,8 @@ def check_args(args):
         raise UsageError(f"--lr must be > 0, got {args.lr}")
     if args.save_every < 0:
         raise UsageError(f"--save-every must be >= 0, got {args.save_every}")
+    if args.train_projector and args.mode != "lora":
+        raise UsageError(f"--train-projector goes with --mode lora (--mode {args.mode} trains the projector anyway)")
     if args.config is not None and args.tokenizer is None:
         raise UsageError("--config (training from scratch) needs --tokenizer PATH (a SentencePiece tokenizer.model)")
     if args.checkpoint is not None and not Path(args.checkpoint).is_dir():
@@ -145,6 +178,22 @@ def check_args(args):
         raise UsageError(f"image folder {args.image_folder} not found")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is available")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX); torch's get_cpu_capability() does not say."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_dtype(requested: str, device_type: str) -> str:
+    """--dtype's name: auto -> bfloat16 on cuda or a CPU with native bf16, else float32; warns of emulated bf16."""
+    native_bf16 = device_type == "cuda" or cpu_has_native_bf16()
+    if requested == "auto":
+        return "bfloat16" if native_bf16 else "float32"
+    if requested == "bfloat16" and not native_bf16:
+        print("train.py: warning: this CPU has no native bfloat16 (AVX512-BF16 or AMX): bfloat16 runs emulated, "
+              "slower than --dtype float32", file=sys.stderr)
+    return requested
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,19 +289,22 @@ def build_model(args, dtype, device) -> GeoChat:
     return model.to(dtype).train()
 
 
-def setup_trainable(model: GeoChat, args, dtype) -> list[str]:
+def train_modules(args) -> list[str]:
+    """The modules trained fully besides LoRA (lora: none, the reference's frozen projector, unless --train-projector)."""
+    if args.mode == "lora":
+        return ["projector"] if args.train_projector else []
+    if args.mode == "projector":
+        return ["projector"]
+    return ["projector", "llm"] + (["vision"] if args.config is not None else [])  # a scratch vision tower learns too
+
+
+def setup_trainable(model: GeoChat, args, dtype):
     """LoRA and requires_grad per --mode; trainable params become fp32 masters, frozen ones `dtype`."""
     if args.mode == "lora":
         lora.apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
-        train_modules = ["projector"]
-    elif args.mode == "projector":
-        train_modules = ["projector"]
-    else:  # full: everything but a pretrained vision tower (a scratch one must learn too)
-        train_modules = ["projector", "llm"] + (["vision"] if args.config is not None else [])
-    lora.mark_trainable(model, train_modules)
+    lora.mark_trainable(model, train_modules(args))
     for p in model.parameters():
         p.data = p.data.to(torch.float32 if p.requires_grad else dtype)
-    return train_modules
 
 
 def apply_fsdp(loss_model: CausalLMLoss, world: int, device, dtype):
@@ -284,11 +336,11 @@ def adamw(params, args, device) -> torch.optim.AdamW:
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """Linear warmup over `warmup` steps (step 0 gets peak/warmup), then cosine down to 0 at step `total`."""
+    """The lr of optimizer step `step` (0-based), as transformers' get_cosine_schedule_with_warmup gives it."""
     if step < warmup:
-        return peak * (step + 1) / warmup
+        return peak * (step / max(1, warmup))
     progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return peak * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def forward_backward(loss_model, batch, scale: float, device, autocast) -> torch.Tensor:
@@ -401,7 +453,7 @@ def gather_full_state(model: nn.Module, rank: int) -> dict:
 def save_weights(model: GeoChat, directory: Path, args, tokenizer_path, rank, world):
     """The trainable weights: an adapter (lora/projector) or the whole model in our layout (full)."""
     if args.mode != "full":
-        lora.save_adapter(model, directory, extra_modules=("projector",))  # collective; rank 0 writes
+        lora.save_adapter(model, directory, extra_modules=train_modules(args))  # collective; rank 0 writes
         return
     if world == 1:
         model.save_pretrained(directory, tokenizer_model=tokenizer_path)
@@ -454,6 +506,28 @@ def write_train_state(path: Path, state: dict):
     os.replace(tmp, path)
 
 
+def fsync_path(path: Path):
+    """Flush a file's or a directory's (its entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(directory: Path):
+    """fsync every file of a flat directory, then the directory itself."""
+    for f in directory.iterdir():
+        fsync_path(f)
+    fsync_path(directory)
+
+
+def fault_point(save_step: str, step: int):
+    """Tests only: os._exit(KILL_EXIT_CODE) when GEOCHAT_TEST_KILL_AT is "<save_step>:<step>"."""
+    if os.environ.get(KILL_AT_ENV) == f"{save_step}:{step}":
+        os._exit(KILL_EXIT_CODE)
+
+
 def read_train_state(ckpt: Path, rank: int, world: int) -> dict:
     """train_state.pt: read by rank 0 (memory-mapped), everything but the optimizer state broadcast to the others."""
     state = torch.load(ckpt / TRAIN_STATE, map_location="cpu", mmap=True, weights_only=True) if rank == 0 else None
@@ -476,13 +550,17 @@ def export_weights(ckpt: Path, out: Path):
         except OSError:
             shutil.copyfile(f, tmp)
         os.replace(tmp, out / f.name)
+    fsync_path(out)
 
 
 def save_checkpoint(out: Path, model, loss_model, optimizer, args, tokenizer_path, train_state: dict, rank, world, device):
-    """Write ckpt.tmp/ completely, then swap it in for ckpt/ (all ranks call this)."""
-    tmp = out / CKPT_TMP
-    if rank == 0 and tmp.exists():
-        shutil.rmtree(tmp)
+    """Write ckpt.tmp/ and fsync it, then swap it in for ckpt/: a complete checkpoint stands at every point (all ranks)."""
+    step = train_state["step"]
+    tmp, current, old = out / CKPT_TMP, out / CKPT, out / CKPT_OLD
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        fault_point("tmp-cleared", step)
     barrier(world)
     save_weights(model, tmp, args, tokenizer_path, rank, world)
     optim = optimizer_state(loss_model, optimizer, world)
@@ -493,16 +571,27 @@ def save_checkpoint(out: Path, model, loss_model, optimizer, args, tokenizer_pat
         rngs[0] = rng_state(device)
     if rank == 0:
         tmp.mkdir(parents=True, exist_ok=True)
+        fault_point("weights-written", step)
         write_train_state(tmp / TRAIN_STATE, {**train_state, "optimizer": optim, "rng": rngs, "world_size": world})
-        current, old = out / CKPT, out / CKPT_OLD
-        if old.exists():
+        fsync_tree(tmp)
+        fault_point("state-written", step)
+        rotate = current.exists()  # ckpt.old may go only while a complete ckpt/ stands (not after a resume from it)
+        if rotate and old.exists():
             shutil.rmtree(old)
-        if current.exists():
+        fault_point("old-cleared", step)
+        if rotate:
             os.replace(current, old)
+            fsync_path(out)
+        fault_point("ckpt-moved-to-old", step)
         os.replace(tmp, current)
+        fsync_path(out)
+        fault_point("tmp-moved-to-ckpt", step)
         if old.exists():
             shutil.rmtree(old)
+            fsync_path(out)
+        fault_point("old-removed", step)
         export_weights(current, out)
+        fault_point("weights-exported", step)
     barrier(world)
 
 
@@ -529,6 +618,10 @@ def setup(args, rank, world, device):
     ckpt = find_checkpoint(out)
     if ckpt is not None and not args.resume:
         raise UsageError(f"{out} already holds a checkpoint ({ckpt}); pass --resume to continue it or pick another --out")
+    if ckpt is None and args.resume:
+        raise UsageError(f"--resume: {out} holds no checkpoint ({CKPT}/ or {CKPT_OLD}/ with {TRAIN_STATE})")
+    if ckpt is None and (out / METRICS).exists():
+        raise UsageError(f"{out / METRICS} is from a run that saved no checkpoint; move it away or pick another --out")
     tokenizer_path = Path(args.tokenizer) if args.tokenizer else Path(args.checkpoint) / "tokenizer.model"
     if tokenizer_path.is_dir():
         tokenizer_path = tokenizer_path / "tokenizer.model"
@@ -541,8 +634,9 @@ def setup(args, rank, world, device):
     cfg = model.cfg
     if tokenizer.vocab_size > cfg.llm.vocab_size:
         raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary only {cfg.llm.vocab_size}")
+    # the reference truncates the text ids (the placeholder one id) at model_max_length; the image features come on top
     dataset = InstructDataset(args.data, args.image_folder, tokenizer, image_size=cfg.image_size,
-                              max_length=args.max_length, n_image_tokens=cfg.n_image_tokens)
+                              max_length=args.max_length, n_image_tokens=1)
     if len(dataset) < args.global_batch:
         raise UsageError(f"{args.data} has {len(dataset)} samples, fewer than one global batch ({args.global_batch})")
     return out, ckpt, tokenizer, tokenizer_path, model, dataset
@@ -554,6 +648,15 @@ def fail(message: str):
     raise SystemExit(2)
 
 
+def exit_interrupted(out: Path, rank: int):
+    """Ctrl-C: one line on stderr (rank 0) naming the checkpoint kept, exit code 130."""
+    if rank == 0:
+        ckpt = find_checkpoint(out)
+        kept = f"--resume continues from {ckpt}" if ckpt is not None else "no checkpoint was saved"
+        print(f"train.py: interrupted; {kept}", file=sys.stderr, flush=True)
+    raise SystemExit(130)
+
+
 def main(argv=None) -> dict:
     """Train; returns a summary dict (final step, last loss) on every rank."""
     args = parse_args(argv)
@@ -561,6 +664,7 @@ def main(argv=None) -> dict:
         check_args(args)
     except UsageError as e:
         fail(str(e))
+    args.dtype = resolve_dtype(args.dtype, args.device)
     rank, world, device = init_distributed(args.device)
     try:
         try:
@@ -568,6 +672,8 @@ def main(argv=None) -> dict:
         except (UsageError, FileNotFoundError, ValueError) as e:
             fail(str(e))
         return train(args, rank, world, device, out, ckpt, tokenizer, tokenizer_path, model, dataset)
+    except KeyboardInterrupt:
+        exit_interrupted(Path(args.out), rank)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
@@ -583,16 +689,15 @@ def train(args, rank, world, device, out, ckpt, tokenizer, tokenizer_path, model
     warmup = math.ceil(args.warmup_ratio * total_steps)
     accum = args.global_batch // (args.batch_size * world)
     state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "skipped": 0}
-    run_info = {"mode": args.mode, "global_batch": args.global_batch, "seed": args.seed, "dataset_len": len(dataset),
-                "total_steps": total_steps, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha}
-    if args.resume and ckpt is not None:
+    run_info = {"mode": args.mode, "train_modules": train_modules(args), "global_batch": args.global_batch,
+                "seed": args.seed, "dataset_len": len(dataset), "total_steps": total_steps, "lora_r": args.lora_r,
+                "lora_alpha": args.lora_alpha}
+    if ckpt is not None:
         state = read_train_state(ckpt, rank, world)  # the optimizer state on rank 0 only
         changed = {k: (state["run"].get(k), v) for k, v in run_info.items() if state["run"].get(k) != v}
         if changed:
             fail(f"cannot resume {ckpt}: settings differ from the checkpoint's (checkpoint, now): {changed}")
         load_trainable(model, ckpt, args)
-    elif args.resume and rank == 0:
-        print(f"--resume: no checkpoint in {out}, starting from step 0")
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_params = sum(p.numel() for p in model.parameters())
     n_llm_params = sum(p.numel() for p in model.llm.parameters())
@@ -604,7 +709,7 @@ def train(args, rank, world, device, out, ckpt, tokenizer, tokenizer_path, model
         apply_fsdp(loss_model, world, device, dtype)
     trainable = [p for p in loss_model.parameters() if p.requires_grad]  # after fully_shard: the DTensor params
     optimizer = adamw(trainable, args, device)
-    if args.resume and ckpt is not None:
+    if ckpt is not None:
         load_optimizer_state(loss_model, optimizer, state.pop("optimizer", {}), world)
         if state.get("world_size") == world:
             set_rng_state(state["rng"][rank], device)
@@ -616,7 +721,7 @@ def train(args, rank, world, device, out, ckpt, tokenizer, tokenizer_path, model
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-        keep_metrics(out / "metrics.jsonl", start_step)
+        keep_metrics(out / METRICS, start_step)
         print(f"GeoChat {args.mode}: {n_params / 1e6:.1f}M params, {n_trainable / 1e6:.2f}M trainable; "
               f"{len(dataset)} samples, {steps_per_epoch} steps/epoch, {total_steps} steps (warmup {warmup}), "
               f"global batch {args.global_batch} = {args.batch_size} x {world} ranks x {accum} accumulation; "
@@ -625,58 +730,59 @@ def train(args, rank, world, device, out, ckpt, tokenizer, tokenizer_path, model
     peak = peak_flops(device) if dtype == torch.bfloat16 else None
     batches = micro_batches(dataset, args, rank, world, state["epoch"], state["step_in_epoch"], steps_per_epoch,
                             tokenizer.pad_id)
-    bar = None
-    if rank == 0:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, disable=rank != 0)
     metrics = {}
     loss_model.train()
-    for step in range(start_step, total_steps):
-        t0 = time.perf_counter()
-        micro = [next(batches) for _ in range(accum)]
-        n_target = torch.tensor(sum(n_labelled(b) for b, _, _ in micro), dtype=torch.float64, device=device)
-        n_target = float(all_reduce_sum(n_target, world))  # labelled tokens of the global batch
-        lr = lr_at(step, total_steps, warmup, args.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for batch, _, _ in micro:
-            if world > 1:
-                batch = with_image(batch, tokenizer.bos_id, tokenizer.pad_id, cfg.image_size)
-            elif batch is None:
-                continue
-            # FSDP averages gradients over ranks: scale by world so they sum, i.e. d(global sum / global count)
-            loss_sum += forward_backward(loss_model, batch, world / max(n_target, 1.0), device, autocast)
-        grad_norm = optimizer_step(trainable, optimizer)
-        stats = torch.tensor([float(loss_sum), sum(n_tokens(b, cfg.n_image_tokens) for b, _, _ in micro),
-                              sum(n for _, n, _ in micro), sum(s for _, _, s in micro)], dtype=torch.float64)
-        stats = all_reduce_sum(stats.to(device), world).cpu()
-        elapsed = time.perf_counter() - t0
-        skipped_total += int(stats[3])
-        loss = float(stats[0]) / max(n_target, 1.0)
-        metrics = {"step": step + 1, "loss": loss, "lr": lr, "tokens": int(stats[1]),
-                   "tokens_per_s": float(stats[1]) / elapsed, "samples_per_s": float(stats[2] - stats[3]) / elapsed,
-                   "grad_norm": grad_norm, "skipped": skipped_total}
-        if peak is not None:
-            metrics["mfu"] = 6 * n_llm_params * metrics["tokens_per_s"] / (peak * world)
-        epoch, step_in_epoch = divmod(step + 1, steps_per_epoch)
-        if rank == 0:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{metrics['tokens_per_s']:.0f}"}
-            if "mfu" in metrics:
-                postfix["mfu"] = f"{100 * metrics['mfu']:.1f}%"
-            bar.set_postfix(postfix)
-            bar.update(1)
-        if step + 1 == total_steps or (args.save_every and (step + 1) % args.save_every == 0):
-            train_state = {"step": step + 1, "epoch": epoch, "step_in_epoch": step_in_epoch,
-                           "skipped": skipped_total, "lr": lr, "schedule": {"warmup_steps": warmup, "total_steps": total_steps,
-                                                                           "peak_lr": args.lr, "kind": "linear-warmup-cosine"},
-                           "run": run_info}
-            save_checkpoint(out, model, loss_model, optimizer, args, tokenizer_path, train_state, rank, world, device)
-    if bar is not None:
-        bar.close()
+    try:
+        for step in range(start_step, total_steps):
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(accum)]
+            n_target = torch.tensor(sum(n_labelled(b) for b, _, _ in micro), dtype=torch.float64, device=device)
+            n_target = float(all_reduce_sum(n_target, world))  # labelled tokens of the global batch
+            lr = lr_at(step, total_steps, warmup, args.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            for batch, _, _ in micro:
+                if world > 1:
+                    batch = with_image(batch, tokenizer.bos_id, tokenizer.pad_id, cfg.image_size)
+                elif batch is None:
+                    continue
+                # FSDP averages gradients over ranks: scale by world so they sum, i.e. d(global sum / global count)
+                loss_sum += forward_backward(loss_model, batch, world / max(n_target, 1.0), device, autocast)
+            grad_norm = optimizer_step(trainable, optimizer)
+            stats = torch.tensor([float(loss_sum), sum(n_tokens(b, cfg.n_image_tokens) for b, _, _ in micro),
+                                  sum(n for _, n, _ in micro), sum(s for _, _, s in micro)], dtype=torch.float64)
+            stats = all_reduce_sum(stats.to(device), world).cpu()
+            elapsed = time.perf_counter() - t0
+            skipped_total += int(stats[3])
+            loss = float(stats[0]) / max(n_target, 1.0)
+            metrics = {"step": step + 1, "loss": loss, "lr": lr, "tokens": int(stats[1]),
+                       "tokens_per_s": float(stats[1]) / elapsed, "samples_per_s": float(stats[2] - stats[3]) / elapsed,
+                       "grad_norm": grad_norm, "skipped": skipped_total}
+            if peak is not None:
+                metrics["mfu"] = 6 * n_llm_params * metrics["tokens_per_s"] / (peak * world)
+            epoch, step_in_epoch = divmod(step + 1, steps_per_epoch)
+            if rank == 0:
+                with open(out / METRICS, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{metrics['tokens_per_s']:.0f}"}
+                if "mfu" in metrics:
+                    postfix["mfu"] = f"{100 * metrics['mfu']:.1f}%"
+                bar.set_postfix(postfix)
+                bar.update(1)
+            if step + 1 == total_steps or (args.save_every and (step + 1) % args.save_every == 0):
+                schedule = {"warmup_steps": warmup, "total_steps": total_steps, "peak_lr": args.lr,
+                            "kind": "transformers-cosine-with-warmup"}
+                train_state = {"step": step + 1, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                               "skipped": skipped_total, "lr": lr, "schedule": schedule, "run": run_info}
+                save_checkpoint(out, model, loss_model, optimizer, args, tokenizer_path, train_state, rank, world,
+                                device)
+    finally:
+        bar.close()  # before any Ctrl-C message
+    if rank == 0:
         skipped = dict(dataset.skipped)
         print(f"done: {total_steps} steps, last loss {metrics.get('loss', float('nan')):.4f}, skipped samples "
               f"{skipped_total}" + (f" {skipped}" if skipped else "") + f"; checkpoint in {out / CKPT}", flush=True)
@@ -684,11 +790,23 @@ def train(args, rank, world, device, out, ckpt, tokenizer, tokenizer_path, model
 
 
 def keep_metrics(path: Path, upto_step: int):
-    """Drop metrics.jsonl lines past upto_step (a resumed run rewrites what the killed run logged after its checkpoint)."""
+    """Drop metrics.jsonl lines past upto_step (and lines torn by a kill), atomically: the resumed run logs them anew."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= upto_step]
-    path.write_text("".join(line + "\n" for line in lines))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= upto_step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
 
 
 if __name__ == "__main__":

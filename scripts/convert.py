@@ -4,6 +4,7 @@
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -13,18 +14,43 @@ from geochat import DTYPES, GeoChat  # noqa: E402
 
 
 
+def fail(message: str):
+    """One line on stderr, exit code 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_out(out: Path) -> bool:
+    """The destination must be a new or empty directory that we can write; True when this call created it."""
+    if out.exists() and not out.is_dir():
+        fail(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        fail(f"{out}: the directory is not empty; choose a new one (nothing is overwritten)")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"{out}: cannot create the directory ({e.strerror})")
+    if not os.access(out, os.W_OK):
+        fail(f"{out}: the directory is not writable")
+    return created
+
+
 def main(argv=None):
     """Load CHECKPOINT_DIR and write config.json, model.safetensors and tokenizer.model to OUT_DIR."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("out", type=Path)
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", type=Path, help="directory in any layout GeoChat.from_pretrained reads")
+    p.add_argument("out", type=Path, help="new directory to write (must not exist or be empty)")
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the written weights")
     p.add_argument("--vision-tower", type=Path, default=None, help="separate CLIP directory, if not embedded")
     args = p.parse_args(argv)
+    created = check_out(args.out)
     try:
         model = GeoChat.from_pretrained(args.checkpoint, dtype=DTYPES[args.dtype], vision_tower=args.vision_tower)
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        if created:
+            args.out.rmdir()
+        fail(str(e))
     tokenizer = args.checkpoint / "tokenizer.model"
     model.save_pretrained(args.out, tokenizer_model=tokenizer if tokenizer.exists() else None)
     if not tokenizer.exists():

@@ -7,15 +7,14 @@ work=${1:-runs/baby-work}
 steps=${STEPS:-3600}
 mkdir -p "$work"
 
-python data.py synth --out "$work/data" --n-train 8000 --n-test 300 --seed 0 --size 128
-python data.py tokenizer --corpus "$work/data/corpus.txt" --out "$work/data/tokenizer.model" --vocab-size 1000
+python synthetic/prepare.py scenes --out "$work/data" --n-train 8000 --n-test 300 --seed 0 --size 128
+python synthetic/prepare.py tokenizer --corpus "$work/data/corpus.txt" --out "$work/data/tokenizer.model" --vocab-size 1000
 python train.py --config baby --tokenizer "$work/data/tokenizer.model" --data "$work/data/train.json" \
     --image-folder "$work/data/images" --out "$work/run" --mode full --batch-size 16 --global-batch 16 \
     --lr 1e-3 --warmup-ratio 0.03 --max-steps "$steps" --dtype bfloat16 --max-length 512 --save-every 500 --seed 0
 
-for bench in scene vqa referring region_caption; do
-    questions=$bench; [ "$bench" = region_caption ] && questions=region_captioning
-    python eval.py run --bench "$bench" --questions "$work/data/$questions.jsonl" --image-folder "$work/data/images" \
+for bench in scene vqa referring region_captioning; do
+    python eval.py run --bench "$bench" --questions "$work/data/$bench.jsonl" --image-folder "$work/data/images" \
         --checkpoint "$work/run" --answers "$work/answers/$bench.jsonl" --batch-size 32 --device cpu
 done
 python scripts/plot_loss.py "$work/run/metrics.jsonl" "$work/loss.png"

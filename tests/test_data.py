@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 import data
-from data import (CLIP_MEAN, CLIP_STD, IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID, SYSTEM_LLAVA_V1,
-                  SYSTEM_VICUNA_V1, Box, InstructDataset, ShardedSampler, Tokenizer, box_polygon,
-                  box_polygon_grid, build_prompt, collate, encode_conversation, format_box, load_image,
-                  pad_to_square, parse_boxes, preprocess_image, task_prompt)
+from boxes import Box
+from data import (CLIP_MEAN, CLIP_STD, SYSTEM_LLAVA_V1, SYSTEM_VICUNA_V1, InstructDataset, ShardedSampler, Tokenizer,
+                  build_prompt, collate, encode_conversation, load_image, pad_to_square, preprocess_image, task_prompt)
+from geochat import IGNORE_INDEX, IMAGE_TOKEN_ID
 
 
 def random_image(width, height, mode="RGB", seed=0):
@@ -34,11 +34,10 @@ def save(img, path, **kwargs):
 # constants and images
 
 
-def test_constants():
-    assert (IMAGE_TOKEN_ID, IGNORE_INDEX, IMAGE_PLACEHOLDER) == (-200, -100, "<image>")
-    assert CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073)
-    assert CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
-    assert data.PAD_COLOR == (122, 116, 104)
+def test_clip_normalisation_and_pad_colour_match_transformers():
+    image_utils = pytest.importorskip("transformers.image_utils")
+    assert CLIP_MEAN == tuple(image_utils.OPENAI_CLIP_MEAN) and CLIP_STD == tuple(image_utils.OPENAI_CLIP_STD)
+    assert data.PAD_COLOR == tuple(int(m * 255) for m in image_utils.OPENAI_CLIP_MEAN)  # the reference's expand2square fill
 
 
 def test_load_image_errors(tmp_path):
@@ -167,9 +166,8 @@ def tokenizer(sp_model_path):
     return Tokenizer(sp_model_path)
 
 
-@pytest.fixture(scope="module")
-def hf_tokenizer(sp_model_path):
-    """HF LlamaTokenizer (legacy) built from the same SentencePiece model (vocab + BPE merges, no protobuf)."""
+def hf_llama_tokenizer(sp_model_path, legacy):
+    """HF LlamaTokenizer built from the same SentencePiece model (vocab + BPE merges, no protobuf)."""
     transformers = pytest.importorskip("transformers")
     import sentencepiece
     sp = sentencepiece.SentencePieceProcessor(model_file=str(sp_model_path))
@@ -181,8 +179,18 @@ def hf_tokenizer(sp_model_path):
         piece = sp.id_to_piece(i)
         splits = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
         merges += sorted(splits, key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
-    return transformers.LlamaTokenizer(vocab=vocab, merges=merges, legacy=True, add_bos_token=True,
+    return transformers.LlamaTokenizer(vocab=vocab, merges=merges, legacy=legacy, add_bos_token=True,
                                        add_eos_token=False)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(sp_model_path):
+    return hf_llama_tokenizer(sp_model_path, legacy=True)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer_non_legacy(sp_model_path):
+    return hf_llama_tokenizer(sp_model_path, legacy=False)
 
 
 def reference_tokenizer_image_token(prompt, tokenizer):
@@ -256,6 +264,34 @@ def test_encode_after_special_token_matches_slow_legacy(tokenizer):
     expected = sp.encode("  two spaces") + [2] + sp.encode(" one space") + [1] + sp.encode("  x")
     assert tokenizer.encode(text) == expected
     assert tokenizer.encode(" x")[:2] == [sp.piece_to_id("▁"), sp.piece_to_id("▁")]  # "▁▁x": doubled prefix
+
+
+def test_legacy_flag_follows_hf_on_multi_turn_text(sp_model_path, tmp_path, hf_tokenizer, hf_tokenizer_non_legacy):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(sp_model_path.read_bytes())
+    turns = [("<image>\nHow many planes are there?", "2"), ("Is there a road?", "Yes"), ("[grounding] Describe it.", None)]
+    prompt = build_prompt(turns, "vicuna_v1").replace("<image>", "")
+    texts = [prompt, "ok</s>USER: again</s>ASSISTANT: x", "</s>USER", "x<s>y</s>z"]  # no space after a special token:
+    # there HF 5's tokenizer and the slow one the reference used differ (see the test below)
+    for legacy, hf in ((True, hf_tokenizer), (False, hf_tokenizer_non_legacy)):
+        (folder / "tokenizer_config.json").write_text(json.dumps({"legacy": legacy, "model_max_length": 2048}))
+        ours = Tokenizer(folder)
+        assert ours.legacy is legacy
+        for text in texts:
+            assert ours.encode(text, bos=True) == hf(text).input_ids, (legacy, text)
+        # training labels are computed on the very same ids
+        conversation = [{"from": "human" if i % 2 == 0 else "gpt", "value": v}
+                        for i, v in enumerate(["<image>\nHow many planes are there?", "2", "Is there a road?", "Yes"])]
+        input_ids, _ = encode_conversation(ours, conversation)
+        assert input_ids == ours.encode_prompt(build_prompt(data._conversation_turns(conversation), "vicuna_v1"))
+    differs = Tokenizer(folder, legacy=True).encode(prompt) != Tokenizer(folder, legacy=False).encode(prompt)
+    assert differs  # multi-turn text tells the two modes apart (after "</s>")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 2048}))
+    assert Tokenizer(folder).legacy is True  # HF's default when the field is absent
+    (folder / "tokenizer_config.json").write_text(json.dumps({"legacy": "no"}))
+    with pytest.raises(ValueError, match="'legacy' must be true, false or null"):
+        Tokenizer(folder)
 
 
 def test_encode_prompt_matches_reference(tokenizer, hf_tokenizer):
@@ -333,79 +369,16 @@ def test_task_prompts():
     assert task_prompt("identify", box="{<1><2><3><4>|<0>}").endswith("at {<1><2><3><4>|<0>}")
     assert task_prompt("vqa", question="Is there a road?") == \
         "Is there a road?\nAnswer the question using a single word or phrase."
-    assert task_prompt("scene", classes=["airport", "beach"]) == (
-        "Classify the given image in one of the following classes.\nClassify the image from the following "
-        "classes: airport, beach. Answer in one word or a short phrase.")
+    assert task_prompt("scene", classes=["airport", "beach"]) == (  # GeoChat-Bench's scene files, byte for byte
+        "Classify the given image in one of the following classes. Classes: airport, beach. \n"
+        "Answer in one word or a short phrase.")
+    with pytest.raises(ValueError, match="takes no question"):
+        task_prompt("scene", question="What is it?", classes="a, b")
     assert task_prompt("chat", question="Hello?") == "Hello?"
     for task, match in [("refer", "expression"), ("identify", "box"), ("vqa", "question"), ("scene", "classes"),
                         ("chat", "question"), ("segment", "unknown task")]:
         with pytest.raises(ValueError, match=match):
             task_prompt(task)
-
-
-# -----------------------------------------------------------------------------
-# boxes
-
-
-def test_parse_boxes_labels_and_groups():
-    boxes = parse_boxes("The image shows <p>two planes</p> {<8><82><16><90>|<69>}{<6><44><14><48>|<32>} and "
-                        "<p> a runway </p> {<1><2><3><4>}, next to {<5><6><7><8>|<9>}.")
-    assert boxes == [Box(8, 82, 16, 90, 69, "two planes"), Box(6, 44, 14, 48, 32, "two planes"),
-                     Box(1, 2, 3, 4, 0, "a runway"), Box(5, 6, 7, 8, 9, None)]
-    assert parse_boxes("{<16><55><24><63>|<11>}") == [Box(16, 55, 24, 63, 11, None)]
-    assert parse_boxes("<p>car</p> is parked at {<1><2><3><4>}")[0].label is None
-    assert parse_boxes("{<1><2><3><4>} then <p>late</p>")[0].label is None
-    assert parse_boxes("no boxes here") == []
-    assert parse_boxes("<p>car {<1><2><3><4>} unclosed label</p> {<5><6><7><8>}") == \
-        [Box(1, 2, 3, 4, 0, None), Box(5, 6, 7, 8, 0, None)]
-    assert parse_boxes("<p>a\nb</p>{<1><2><3><4>}")[0].label == "a\nb"
-
-
-def test_parse_boxes_keeps_every_number_and_skips_malformed():
-    box = parse_boxes("{<10><20><30><40>}")[0]  # the reference demo dropped the last number here
-    assert (box.x1, box.y1, box.x2, box.y2, box.angle) == (10, 20, 30, 40, 0)
-    text = ("<p>ships</p> {<1><2><3>} {<a><2><3><4>|<5>} {<1><2><3><4><5>} {<1><2><3><4>|<>} "
-            "{<11><12><13><14>|<15>} {<1><2><3><4>|<5>")
-    assert parse_boxes(text) == [Box(11, 12, 13, 14, 15, "ships")]
-    assert parse_boxes("{< 1 ><2> <3><4.5>|<-7>}") == [Box(1, 2, 3, 4.5, -7)]
-    for junk in ["{", "}", "{<", "<p>", "</p>{<1>", "{<1><2><3><4>|", "{}" * 50, "<p>" * 20 + "{<1><2><3><4>}"]:
-        parse_boxes(junk)  # never raises
-
-
-def test_format_box_round_trip():
-    box = Box(12, 34, 56, 78, 45)
-    assert format_box(box) == "{<12><34><56><78>|<45>}"
-    assert parse_boxes(format_box(box)) == [box]
-    assert format_box(Box(1.5, 2.4, 3.6, 99.5)) == "{<2><2><4><100>|<0>}"
-
-
-def test_box_polygon_rotation_convention():
-    wide = Box(10, 40, 50, 60)  # 40 wide, 20 high, centre (30, 50)
-    assert box_polygon_grid(wide) == [(10, 40), (50, 40), (50, 60), (10, 60)]
-    turned = box_polygon_grid(Box(10, 40, 50, 60, angle=90))
-    xs, ys = [x for x, _ in turned], [y for _, y in turned]
-    assert max(xs) - min(xs) == pytest.approx(20) and max(ys) - min(ys) == pytest.approx(40)  # now tall
-    assert sum(xs) / 4 == pytest.approx(30) and sum(ys) / 4 == pytest.approx(50)
-    # counter-clockwise on screen (y down): the top-right corner (50, 40) goes to the top-left, (20, 30)
-    assert list(turned[1]) == pytest.approx([20, 30])
-    # theta = 30 by hand: centre (50, 50), corner (60, 45) is (dx, dy) = (10, -5)
-    corner = box_polygon_grid(Box(40, 45, 60, 55, angle=30))[1]
-    c, s = math.cos(math.radians(30)), math.sin(math.radians(30))
-    assert list(corner) == pytest.approx([50 + 10 * c - 5 * s, 50 - 10 * s - 5 * c])
-    assert list(corner) == pytest.approx([56.160254, 40.669873])  # up and right: the right side lifted
-
-
-def test_box_polygon_pixels():
-    # 200 x 100 image: padded square of side 200, image rows 50..150 of the square
-    def flat(points):
-        return [v for point in points for v in point]
-    assert flat(box_polygon(Box(0, 25, 100, 75), 200, 100)) == pytest.approx([0, 0, 200, 0, 200, 100, 0, 100])
-    assert flat(box_polygon(Box(25, 0, 75, 100), 100, 200)) == pytest.approx([0, 0, 100, 0, 100, 200, 0, 200])
-    assert flat(box_polygon(Box(0, 0, 10, 10), 100, 50)) == pytest.approx([0, -25, 10, -25, 10, -15, 0, -15])
-    pixels = box_polygon(Box(10, 40, 50, 60, 30), 300, 300)
-    assert flat(pixels) == pytest.approx([3 * v for v in flat(box_polygon_grid(Box(10, 40, 50, 60, 30)))])
-    with pytest.raises(ValueError):
-        box_polygon(Box(0, 0, 1, 1), 0, 10)
 
 
 # -----------------------------------------------------------------------------

@@ -19,59 +19,6 @@ def rect(x1, y1, x2, y2):
     return [(x1, y1), (x2, y1), (x2, y2), (x1, y2)]
 
 
-def rotated(cx, cy, w, h, deg):
-    t = math.radians(deg)
-    c, s = math.cos(t), math.sin(t)
-    pts = []
-    for dx, dy in ((-w / 2, -h / 2), (w / 2, -h / 2), (w / 2, h / 2), (-w / 2, h / 2)):
-        pts.append((cx + dx * c - dy * s, cy + dx * s + dy * c))
-    return pts
-
-
-# ----------------------------------------------------------------- geometry
-
-
-def test_polygon_iou_matches_shapely_on_random_rotated_boxes():
-    shapely_geometry = pytest.importorskip("shapely.geometry")
-    Polygon = shapely_geometry.Polygon
-    rng = random.Random(1234)
-    for i in range(200):
-        a = rotated(rng.uniform(20, 80), rng.uniform(20, 80), rng.uniform(1, 40),
-                    rng.uniform(1, 40), rng.uniform(-360, 360))
-        if i % 4 == 0:  # force heavy overlap for a quarter of the cases
-            cx, cy = sum(p[0] for p in a) / 4, sum(p[1] for p in a) / 4
-            b = rotated(cx + rng.uniform(-3, 3), cy + rng.uniform(-3, 3), rng.uniform(1, 40),
-                        rng.uniform(1, 40), rng.uniform(0, 180))
-        else:
-            b = rotated(rng.uniform(20, 80), rng.uniform(20, 80), rng.uniform(1, 40),
-                        rng.uniform(1, 40), rng.uniform(0, 90))
-        pa, pb = Polygon(a), Polygon(b)
-        inter = pa.intersection(pb).area
-        expect = inter / (pa.area + pb.area - inter)
-        got = ev.polygon_iou(a, b)
-        assert abs(got - expect) < 1e-6, (i, got, expect)
-        # corner order and orientation do not matter
-        a2 = a[:]
-        rng.shuffle(a2)
-        assert abs(ev.polygon_iou(a2, b[::-1]) - expect) < 1e-6
-        assert abs(ev.polygon_iou(b, a) - expect) < 1e-6
-
-
-def test_polygon_iou_hand_cases():
-    assert ev.polygon_iou(rect(0, 0, 10, 10), rect(0, 0, 10, 10)) == pytest.approx(1.0)
-    assert ev.polygon_iou(rect(0, 0, 10, 10), rect(5, 0, 15, 10)) == pytest.approx(1 / 3)
-    assert ev.polygon_iou(rect(0, 0, 10, 10), rect(20, 20, 30, 30)) == 0.0
-    assert ev.polygon_iou(rect(0, 0, 10, 10), rect(10, 0, 20, 10)) == 0.0  # touching edge
-    assert ev.polygon_iou(rect(0, 0, 10, 10), rect(2, 2, 4, 4)) == pytest.approx(4 / 100)
-    # degenerate (zero area) boxes
-    assert ev.polygon_iou(rect(5, 0, 5, 10), rect(0, 0, 10, 10)) == 0.0
-    assert ev.polygon_iou(rect(5, 5, 5, 5), rect(5, 5, 5, 5)) == 0.0
-    assert ev.polygon_iou([], rect(0, 0, 1, 1)) == 0.0
-    # 45-degree diamond inside a square: area 50 of 100
-    diamond = [(5, 0), (10, 5), (5, 10), (0, 5)]
-    assert ev.polygon_iou(diamond, rect(0, 0, 10, 10)) == pytest.approx(0.5)
-
-
 # ----------------------------------------------------------------- box fields
 
 
@@ -383,8 +330,37 @@ def test_cli_score_referring(tmp_path):
          "ground_truth": [[[0, 0], [60, 0], [60, 60], [0, 60]]],
          "question": "the ship", "type": "ref", "dataset": "FAST", "obj_ids": [2], "size_group": "large"},
     ])
-    p = _cli("--bench", "grounding", "--answers", ans)
+    p = _cli("--bench", "referring", "--answers", ans)
     assert p.returncode == 0, p.stderr
     m = json.loads(p.stdout.strip().splitlines()[-1])
-    assert m["bench"] == "grounding" and m["acc@0.5"] == 0.5
+    assert m["bench"] == "referring" and m["acc@0.5"] == 0.5
     assert m["by_size_group"]["small"]["accuracy"] == 1.0
+
+
+def test_cli_score_refuses_answers_of_another_bench_and_bad_files(tmp_path):
+    ans = _write_jsonl(tmp_path / "scene.jsonl", [{"question_id": "a/1", "answer": "a", "ground_truth": "a", "bench": "scene"}])
+    p = _cli("--bench", "vqa", "--answers", ans)
+    assert p.returncode == 2 and "holds answers of bench scene, not vqa" in p.stderr
+    binary = tmp_path / "answers.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    p = _cli("--bench", "scene", "--answers", str(binary))
+    assert p.returncode == 2 and f"{binary}: not a text file" in p.stderr and "Traceback" not in p.stderr
+    p = _cli("--bench", "referring", "--answers", ans, "--gt-size", "0")
+    assert p.returncode == 2 and "--gt-size must be a positive number" in p.stderr
+
+
+def test_score_runs_without_torch(tmp_path):
+    # `eval.py score` is pure Python: answer files of the original GeoChat can be scored on any machine.
+    ans = _write_jsonl(tmp_path / "ucm.jsonl", [{"question_id": "forest/1.tif", "answer": "Forest."},
+                                                {"question_id": "river/2.tif", "answer": "beach"}])
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\nfor name in ('torch', 'numpy', 'PIL', 'sentencepiece'):\n    sys.modules[name] = None\n")
+    env = dict(os.environ, PYTHONPATH=str(blocker))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "score", "--bench", "scene", "--answers", ans],
+                       capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1])["accuracy"] == 0.5
+    p = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, env=env)
+    assert p.returncode != 0  # the blocker really blocks

@@ -1,8 +1,10 @@
 """`eval.py run` end to end on a tiny random checkpoint: batched, resumable, missing images reported."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from PIL import Image
@@ -58,17 +60,80 @@ def test_batched_answers_equal_one_by_one(tiny_checkpoint, tmp_path):
     assert [json.loads(x)["answer"] for x in a.read_text().splitlines()] == [json.loads(x)["answer"] for x in b.read_text().splitlines()]
 
 
-def test_question_prompts_follow_the_task_formats():
-    assert geochat_eval.question_prompt("vqa", {"text": "Is there a road?"}) == \
-        "Is there a road?\nAnswer the question using a single word or phrase."
-    assert geochat_eval.question_prompt("referring", {"question": "the white plane"}) == \
+def test_question_prompts_are_the_reference_scripts():
+    # scene and VQA files carry their whole prompt; referring rows by type; region captions get the [identify] form
+    vqa = "Is there a road?\nAnswer the question using a single word or phrase."
+    assert geochat_eval.question_prompt("vqa", {"text": vqa}) == vqa
+    assert geochat_eval.question_prompt("scene", {"text": " Classify. "}) == "Classify."
+    assert geochat_eval.question_prompt("referring", {"question": "the white plane", "type": "ref"}) == \
         "[refer] Give me the location of <p> the white plane </p>"
-    assert geochat_eval.question_prompt("region_caption", {"question": "{<1><2><3><4>|<5>}"}) == \
+    assert geochat_eval.question_prompt("referring", {"question": "all planes", "type": "grounding"}) == "[grounding]all planes"
+    assert geochat_eval.question_prompt("region_captioning", {"question": "{<1><2><3><4>|<5>}"}) == \
         "[identify] What is the object present at {<1><2><3><4>|<5>}"
-    assert geochat_eval.question_prompt("grounding_description", {}) == "[grounding] Describe the image in detail."
+
+
+def test_failed_and_truncated_answers_are_generated_again(tiny_checkpoint, tmp_path):
+    qfile, folder = write_bench(tmp_path)
+    answers = tmp_path / "answers.jsonl"
+    assert run(tiny_checkpoint, qfile, folder, answers).returncode == 0
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert rows[-1]["answer"] is None and all(r["bench"] == "scene" for r in rows)
+    Image.new("RGB", (30, 30), "white").save(folder / "missing.png")  # the image is there now
+    answers.write_text(answers.read_text() + '{"question_id": "forest/img9.png", "ans')  # a write cut short by a crash
+    again = run(tiny_checkpoint, qfile, folder, answers)
+    assert again.returncode == 0, again.stderr
+    assert "dropping a truncated last line" in again.stderr
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [r["question_id"] for r in rows] == ["forest/img0.png", "forest/img1.png", "forest/img2.png", "river/missing.png"]
+    assert all(isinstance(r["answer"], str) for r in rows)
+    assert json.loads(again.stdout.strip().splitlines()[-1])["failed"] == 0
+
+
+def test_run_refuses_bad_input_before_loading_the_model(tiny_checkpoint, tmp_path):
+    qfile, folder = write_bench(tmp_path)
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(json.dumps({"question_id": 1, "answer": "yes", "bench": "vqa"}) + "\n")
+    before = answers.read_text()
+    cases = [
+        (["--image-folder", str(tmp_path / "nowhere")], "no such directory"),
+        ([], "holds answers of bench 'vqa', not 'scene'"),
+        (["--limit", "-1"], "--limit must be a positive number"),
+        (["--batch-size", "0"], "--batch-size must be a positive number"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be a positive number"),
+    ]
+    for extra, message in cases:
+        r = run(tiny_checkpoint, qfile, folder, answers, *extra)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr)
+        assert answers.read_text() == before
+    no_text = tmp_path / "no_text.jsonl"
+    no_text.write_text(json.dumps({"question_id": 1, "image": "img0.png"}) + "\n")
+    r = run(tiny_checkpoint, no_text, folder, tmp_path / "new.jsonl")
+    assert r.returncode == 2 and "question 1 has no 'text' text" in r.stderr
 
 
 def test_unknown_bench_is_an_argparse_error(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "run", "--bench", "nope", "--questions", "q", "--image-folder", "f",
                         "--checkpoint", "c", "--answers", "a"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_ctrl_c_keeps_the_answers_so_far(tiny_checkpoint, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), "green").save(folder / "a.png")
+    qfile = tmp_path / "many.jsonl"
+    qfile.write_text("".join(json.dumps({"question_id": i, "image": "a.png", "text": "What is it?"}) + "\n" for i in range(5000)))
+    answers = tmp_path / "answers.jsonl"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "eval.py"), "run", "--bench", "vqa", "--questions", str(qfile),
+                             "--image-folder", str(folder), "--checkpoint", str(tiny_checkpoint), "--answers", str(answers),
+                             "--device", "cpu", "--max-new-tokens", "8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 60
+    while time.time() < deadline and (not answers.exists() or answers.stat().st_size == 0):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted: the answers so far are kept" in err and "Traceback" not in err
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert 1 <= len(rows) < 5000 and all(r["bench"] == "vqa" and isinstance(r["answer"], str) for r in rows)

@@ -438,6 +438,50 @@ def test_load_adapter_errors(tmp_path):
         load_adapter(TinyGeoChat(), out)
 
 
+@pytest.mark.parametrize("field, model_config", [
+    ("alpha", dict(r=4, alpha=8, dropout=0.05)),  # kept silently before: scale 8 / 4 = 2 instead of 16 / 4 = 4
+    ("dropout", dict(r=4, alpha=16, dropout=0.0)),
+    ("r", dict(r=2, alpha=8, dropout=0.05)),  # the same scale alpha / r, still refused
+])
+def test_load_adapter_refuses_other_lora_config(tmp_path, field, model_config):
+    _, out = make_adapter(tmp_path)  # r=4, alpha=16, dropout=0.05
+    model = TinyGeoChat(seed=0)
+    apply_lora(model, **model_config)
+    before = {k: v.clone() for k, v in lora_state_dict(model).items()}
+    adapter_value = {"r": 4, "alpha": 16, "dropout": 0.05}[field]
+    with pytest.raises(ValueError, match=rf"load_adapter: .*adapter does not match the model's LoRA layers: .*"
+                                         rf"{field}={adapter_value} in the adapter but {field}={model_config[field]} "
+                                         rf"in llm.layers.0.attn.q_proj"):
+        load_adapter(model, out)
+    assert all(torch.equal(v, before[k]) for k, v in lora_state_dict(model).items())  # nothing was loaded
+
+
+def test_load_adapter_refuses_merged_layers(tmp_path):
+    source, out = make_adapter(tmp_path)
+    model = TinyGeoChat(seed=0)
+    apply_lora(model, r=4, alpha=16, dropout=0.05)
+    randomize_lora(model, seed=5)
+    merge_lora(model, replace=False)  # the base weights now hold the seed-5 update
+    with pytest.raises(ValueError, match=r"llm.layers.0.attn.q_proj is merged .*call unmerge_lora\(model\) before loading .*adapter"):
+        load_adapter(model, out)
+    unmerge_lora(model)
+    load_adapter(model, out)
+    source.eval(), model.eval()
+    x = torch.randn(2, 5, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), source(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_adapter_file_is_named(tmp_path, damage):
+    _, out = make_adapter(tmp_path)
+    weights = out / "adapter.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2] if damage == "truncated" else b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"adapter/adapter.safetensors: cannot read adapter weights"):
+        load_adapter(TinyGeoChat(), out)
+
+
 # ---------------------------------------------------------------------------------------------
 # wrappers: torch.compile names and FSDP2 DTensors
 

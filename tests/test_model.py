@@ -1,6 +1,7 @@
 """Our GeoChat against HF transformers, loaded from every checkpoint layout (fp32, tiny random models)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from safetensors.torch import save_file
 
 import hf_ref
 from geochat import CLIP_KEYS, LLAVA_HF_KEYS, GeoChat, GeoChatConfig, map_keys
+from llama import LlamaConfig
 from vit import ViTConfig, VisionTower, interpolate_pos_embed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,6 +205,55 @@ def test_real_width_vit_l14_at_504_matches_hf():
 
 
 # ---------------------------------------------------------------------------------------------
+# HF Llama config fields: accepted when they compute what we compute, refused otherwise.
+
+# The Llama fields of lmsys/vicuna-7b-v1.5's config.json (transformers 4 names)
+VICUNA_7B_HF = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
+                "hidden_act": "silu", "pretraining_tp": 1, "rope_scaling": None}
+
+
+def hf_llama_dict(**fields) -> dict:
+    """config.json dict of a tiny HF LlamaConfig as the installed transformers writes it."""
+    from transformers import LlamaConfig as HFLlamaConfig
+
+    return HFLlamaConfig(vocab_size=240, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, **fields).to_dict()
+
+
+@pytest.mark.parametrize("fields", [
+    {}, {"rope_theta": 10000.0, "attention_bias": False, "mlp_bias": False, "head_dim": 128},
+    {"rope_scaling": {"rope_type": "default"}}, {"hidden_act": "swish"},
+    {"pretraining_tp": 2},  # HF 4.x splits the same matmuls into slices: the same logits
+])
+def test_hf_llama_config_equivalent_fields_accepted(fields):
+    assert LlamaConfig.from_hf({**VICUNA_7B_HF, **fields}) == LlamaConfig.from_name("vicuna-7b")
+
+
+def test_hf_llama_config_transformers5_dict_accepted():
+    ours = LlamaConfig.from_hf(hf_llama_dict(rope_parameters={"rope_type": "default", "rope_theta": 5e5}))
+    assert (ours.dim, ours.n_kv_heads, ours.rope_theta) == (64, 2, 5e5)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("rope_scaling", {"type": "linear", "factor": 2.0}), ("rope_scaling", {"rope_type": "dynamic", "factor": 2.0}),
+    ("hidden_act", "gelu"), ("attention_bias", True), ("mlp_bias", True), ("head_dim", 256),
+])
+def test_hf_llama_config_unsupported_fields_refused(field, value):
+    with pytest.raises(ValueError, match=re.escape(f"{field}={value!r} is not supported")):
+        LlamaConfig.from_hf({**VICUNA_7B_HF, field: value})
+
+
+def test_hf_llama_config_rope_parameters_refused():
+    llama3 = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 1024}
+    with pytest.raises(ValueError, match=r"rope_parameters=\{'rope_type': 'llama3'.* is not supported"):
+        LlamaConfig.from_hf(hf_llama_dict(rope_parameters=llama3))
+    with pytest.raises(ValueError, match=r"rope_parameters=\{'rope_type': 'linear'.* is not supported"):
+        LlamaConfig.from_hf(hf_llama_dict(rope_scaling={"rope_type": "linear", "factor": 2.0}))  # moved by transformers 5
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad checkpoints.
 
 
@@ -255,6 +306,19 @@ def test_unknown_projector_type(release_dir):
     cfg = json.loads((release_dir / "config.json").read_text())
     (release_dir / "config.json").write_text(json.dumps({**cfg, "mm_projector_type": "qformer"}))
     with pytest.raises(ValueError, match="unknown projector type 'qformer'"):
+        GeoChat.from_pretrained(release_dir, dtype=torch.float32)
+
+
+def test_config_that_is_not_an_object_is_named(release_dir):
+    (release_dir / "config.json").write_text("[1, 2, 3]")
+    with pytest.raises(ValueError, match="config.json: expected a JSON object, got list"):
+        GeoChat.from_pretrained(release_dir, dtype=torch.float32)
+
+
+def test_release_with_rope_scaling_is_refused(release_dir):
+    cfg = json.loads((release_dir / "config.json").read_text())
+    (release_dir / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"type": "linear", "factor": 4.0}}))
+    with pytest.raises(ValueError, match="rope_scaling=.*'linear'.* is not supported"):
         GeoChat.from_pretrained(release_dir, dtype=torch.float32)
 
 

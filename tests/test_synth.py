@@ -7,17 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sentencepiece
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import (  # noqa: E402
-    OBJECT_CLASSES, SCENE_CLASSES, SYNTH_TASKS, make_scene, synth_conversations, synth_main,
-    synth_qa, write_synthetic_dataset,
+from synthetic.prepare import main as prepare_main, write_dataset  # noqa: E402
+from synthetic.scenes import (  # noqa: E402
+    OBJECT_CLASSES, PLURALS, SCENE_CLASSES, TASKS, instruct_records, make_scene, question_answer,
 )
 
 BOX_RE = re.compile(r"\{<(\d+)><(\d+)><(\d+)><(\d+)>\|<(\d+)>\}")
-SCENE_PROMPT = ("Classify the given image in one of the following classes.\nClassify the image from the following classes: "
-                "farmland, water, desert, urban. Answer in one word or a short phrase.")
+SCENE_PROMPT = ("Classify the given image in one of the following classes. Classes: farmland, water, desert, urban. \n"
+                "Answer in one word or a short phrase.")
 VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
 
 
@@ -151,7 +152,7 @@ def test_vqa_balance_and_counts():
         for task in ("presence", "count", "comparison"):
             if task == "comparison" and not ann["objects"]:
                 continue
-            q, a = synth_qa(ann, task, rng)
+            q, a = question_answer(ann, task, rng)
             assert q.endswith(VQA_SUFFIX)
             if task == "presence":
                 cls = re.match(r"Is there a (.+) in the image\?", q).group(1)
@@ -176,7 +177,7 @@ def test_conversations_format_and_tasks():
     seen = set()
     for seed in range(40):
         _, ann = make_scene(seed)
-        recs = synth_conversations(ann, "img_%d.png" % seed, n_records=7, multi_turn_prob=0.3)
+        recs = instruct_records(ann, "img_%d.png" % seed, n_records=7, multi_turn_prob=0.3)
         assert len(recs) == 7
         for r in recs:
             conv = r["conversations"]
@@ -191,19 +192,19 @@ def test_conversations_format_and_tasks():
                 task = "scene" if q == SCENE_PROMPT else next((t for prefix, t in QUESTION_PREFIXES if q.startswith(prefix)), None)
                 assert task is not None, q
                 seen.add(task)
-    assert seen == set(SYNTH_TASKS)
+    assert seen == set(TASKS)
 
 
 def test_grounded_description_and_refer():
     import random
     for seed in range(60):
         _, ann = make_scene(seed)
-        q, a = synth_qa(ann, "grounding", random.Random(0))
+        q, a = question_answer(ann, "grounding", random.Random(0))
         assert q == "[grounding] Describe the image in detail."
         assert a.startswith("The image shows ") and a.endswith(".")
         assert sorted(parse_boxes(a)) == sorted(tuple(o["grid"]) for o in ann["objects"])
         if ann["objects"]:
-            q, a = synth_qa(ann, "refer", random.Random(seed))
+            q, a = question_answer(ann, "refer", random.Random(seed))
             expr = re.match(r"\[refer\] Give me the location of <p> (.+) </p>$", q).group(1)
             boxes = parse_boxes(a)
             assert BOX_RE.sub("", a) == ""
@@ -215,15 +216,15 @@ def test_grounded_description_and_refer():
                 cls = [c for c in OBJECT_CLASSES if "all " + c + "s" == expr][0]
                 objs = [o for o in ann["objects"] if o["class"] == cls]
                 assert len(objs) >= 2 and boxes == [tuple(o["grid"]) for o in objs]
-            q, a = synth_qa(ann, "identify", random.Random(seed))
+            q, a = question_answer(ann, "identify", random.Random(seed))
             (box,) = parse_boxes(q)
             (o,) = [o for o in ann["objects"] if tuple(o["grid"]) == box]
             assert a == "A %s." % o["class"]
 
 
 def test_write_dataset_and_bench_files(tmp_path):
-    paths = synth_main(["--out", str(tmp_path / "ds"), "--n-train", "30", "--n-test", "40",
-                        "--seed", "3", "--size", "128"])
+    paths = prepare_main(["scenes", "--out", str(tmp_path / "ds"), "--n-train", "30", "--n-test", "40",
+                          "--seed", "3", "--size", "128"])
     for k in ("train", "test", "scene", "vqa", "referring", "region_captioning", "corpus"):
         assert Path(paths[k]).exists(), k
     train = json.loads(Path(paths["train"]).read_text())
@@ -259,13 +260,14 @@ def test_write_dataset_and_bench_files(tmp_path):
     for d in ref:
         assert set(d) == {"question_id", "image_id", "image", "question", "ground_truth", "type",
                           "obj_ids", "size_group", "dataset"}
-        assert d["question"].startswith("[refer] Give me the location of <p> ")
         assert d["size_group"] in ("small", "medium", "large") and d["dataset"] == "synthetic"
         objs = ann[d["image"]]["objects"]
         targets = [objs[i] for i in d["obj_ids"]]
         assert parse_boxes(d["ground_truth"]) == [tuple(o["grid"]) for o in targets]
         cls = {o["class"] for o in targets}
         assert len(cls) == 1
+        (name,) = cls
+        assert d["question"] == ("the " + name if d["type"] == "ref" else "all " + PLURALS[name])  # the expression, as in the real file
         # the expression picks out exactly its targets: all objects of that class
         assert len(targets) == sum(o["class"] in cls for o in objs)
         assert (d["type"] == "ref") == (len(targets) == 1)
@@ -279,7 +281,7 @@ def test_write_dataset_and_bench_files(tmp_path):
     corpus = Path(paths["corpus"]).read_text()
     assert "[grounding] Describe the image in detail." in corpus and "ASSISTANT:" in corpus
     # a second run gives byte-identical files
-    paths2 = write_synthetic_dataset(tmp_path / "ds2", 30, 40, seed=3, workers=2)
+    paths2 = write_dataset(tmp_path / "ds2", 30, 40, seed=3, workers=2)
     for k in ("train", "vqa", "referring", "corpus"):
         assert Path(paths[k]).read_bytes() == Path(paths2[k]).read_bytes(), k
     for n in sorted(names)[:10]:
@@ -290,7 +292,7 @@ def test_training_records_balanced():
     yes = {"Is there": [], "Are there more": []}
     for seed in range(300):
         _, ann = make_scene(seed)
-        for r in synth_conversations(ann, "x.png", n_records=7, rng_seed=1):
+        for r in instruct_records(ann, "x.png", n_records=7, rng_seed=1):
             conv = r["conversations"]
             for h, g in zip(conv[0::2], conv[1::2]):
                 for k in yes:
@@ -299,3 +301,40 @@ def test_training_records_balanced():
                         yes[k].append(g["value"] == "Yes")
     for k, v in yes.items():
         assert len(v) > 200 and 0.42 <= sum(v) / len(v) <= 0.58, (k, sum(v) / len(v))
+
+
+def test_prepare_cli_refuses_bad_input(tmp_path):
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "synthetic" / "prepare.py"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a few words\n")
+    cases = [
+        (["scenes", "--out", str(a_file)], f"--out {a_file}: exists and is not a directory"),
+        (["scenes", "--out", str(tmp_path / "d"), "--n-train", "-1"], "--n-train must be >= 0, got -1"),
+        (["scenes", "--out", str(tmp_path / "d"), "--n-train", "0", "--n-test", "0"], "nothing to write"),
+        (["tokenizer", "--corpus", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "t.model")], "no such file"),
+        (["tokenizer", "--corpus", str(corpus), "--out", str(tmp_path / "t.model"), "--vocab-size", "10"],
+         "--vocab-size must be >= 300"),
+        (["tokenizer", "--corpus", str(corpus), "--out", str(tmp_path)], "is a directory"),
+    ]
+    for argv, message in cases:
+        r = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (argv, r.stderr)
+    assert a_file.read_text() == "x" and not (tmp_path / "d").exists()
+
+
+def test_tokenizer_says_when_the_corpus_gives_fewer_pieces(tmp_path, capsys):
+    import argparse
+
+    from synthetic.prepare import tokenizer_main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("two planes\n" * 50)
+    out = tmp_path / "tokenizer.model"
+    tokenizer_main(argparse.Namespace(corpus=str(corpus), out=str(out), vocab_size=2000))
+    pieces = sentencepiece.SentencePieceProcessor(model_file=str(out)).get_piece_size()
+    assert pieces < 2000
+    assert f"the corpus only supports {pieces} pieces, fewer than --vocab-size 2000" in capsys.readouterr().err

@@ -1,5 +1,9 @@
-"""Tests for train.py on a tiny GeoChat: 1 vs 2 processes (FSDP2), resume, kill mid-save, overfit, bad input."""
+"""Tests for train.py on a tiny GeoChat: 1 vs 2 processes (FSDP2), resume, Ctrl-C mid-save, overfit, options, bad input.
 
+Kills at every step of a save (fault injection) and a real Ctrl-C are in test_train_checkpoint.py.
+"""
+
+import argparse
 import json
 import os
 import subprocess
@@ -16,8 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import lora  # noqa: E402
 import train  # noqa: E402
-from data import IGNORE_INDEX, InstructDataset, Tokenizer, collate  # noqa: E402
-from geochat import GeoChat, GeoChatConfig  # noqa: E402
+from data import InstructDataset, Tokenizer, collate  # noqa: E402
+from geochat import IGNORE_INDEX, GeoChat, GeoChatConfig  # noqa: E402
 from llama import LlamaConfig  # noqa: E402
 from vit import ViTConfig  # noqa: E402
 
@@ -143,15 +147,16 @@ def test_full_mode_resume_on_two_ranks(setup_dir, tmp_path, monkeypatch):
     run_main(base_args(setup_dir, straight, *common))
     resumed = tmp_path / "resumed"
 
-    def stop_after_step_2(path, state):  # a kill during the step-4 save
+    def stop_after_step_2(path, state):  # a Ctrl-C during the step-4 save
         if state["step"] == 4:
             raise KeyboardInterrupt
         real_write(path, state)
 
     real_write = train.write_train_state
     monkeypatch.setattr(train, "write_train_state", stop_after_step_2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as e:
         run_main(base_args(setup_dir, resumed, *common))
+    assert e.value.code == 130
     monkeypatch.undo()
     torchrun(base_args(setup_dir, resumed, *common, "--resume", "--grad-ckpt"))
     assert losses(resumed) == pytest.approx(losses(straight), rel=1e-4)
@@ -162,8 +167,8 @@ def test_full_mode_resume_on_two_ranks(setup_dir, tmp_path, monkeypatch):
     GeoChat.from_pretrained(resumed, dtype=torch.float32)  # the FSDP-gathered save is a loadable checkpoint
 
 
-def test_resume_after_kill_mid_save_matches_straight_run(setup_dir, tmp_path, monkeypatch, capsys):
-    """4 steps straight == 2 steps, a kill in the middle of the step-4 save, --resume from step 2, 2 more steps."""
+def test_resume_after_ctrl_c_mid_save_matches_straight_run(setup_dir, tmp_path, monkeypatch, capsys):
+    """4 steps straight == 2 steps, a Ctrl-C in the middle of the step-4 save (exit 130), --resume from step 2, 2 more."""
     common = ["--mode", "lora", "--max-steps", 4, "--global-batch", 4, "--batch-size", 2, "--lr", 5e-3,
               "--lora-r", 4, "--lora-alpha", 8, "--lora-dropout", 0.2, "--save-every", 2, "--weight-decay", 0.1]
     straight = tmp_path / "straight"
@@ -173,15 +178,18 @@ def test_resume_after_kill_mid_save_matches_straight_run(setup_dir, tmp_path, mo
     real_write = train.write_train_state
 
     def dying_write(path, state):
-        if state["step"] == 4:  # the adapter is already in ckpt.tmp/: die before the state and the swap
+        if state["step"] == 4:  # the adapter is already in ckpt.tmp/: stop before the state and the swap
             assert (path.parent / "adapter.safetensors").exists()
-            raise KeyboardInterrupt("killed mid-save")
+            raise KeyboardInterrupt
         real_write(path, state)
 
     monkeypatch.setattr(train, "write_train_state", dying_write)
-    with pytest.raises(KeyboardInterrupt):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
         run_main(base_args(setup_dir, killed, *common))
     monkeypatch.undo()
+    assert e.value.code == 130
+    assert capsys.readouterr().err.splitlines()[-1] == f"train.py: interrupted; --resume continues from {killed / 'ckpt'}"
     assert (killed / "ckpt.tmp").is_dir()
     state = torch.load(killed / "ckpt" / "train_state.pt", weights_only=False)
     assert state["step"] == 2 and len(metrics(killed)) == 4
@@ -212,23 +220,43 @@ def test_resume_after_kill_mid_save_matches_straight_run(setup_dir, tmp_path, mo
 
 
 def test_adapter_loads_into_fresh_model_and_changes_outputs(setup_dir, tmp_path):
-    """The lora run's adapter (r, alpha from its config) loads with lora.load_adapter and changes the logits."""
+    """--mode lora trains LoRA only (the projector frozen, as in the reference); the adapter loads and changes the logits."""
     out = tmp_path / "lora"
     run_main(base_args(setup_dir, out, "--mode", "lora", "--max-steps", 2, "--global-batch", 4, "--batch-size", 4,
                        "--lr", 5e-2, "--lora-r", 4, "--lora-alpha", 8))
     config = json.loads((out / "adapter_config.json").read_text())
-    assert (config["r"], config["alpha"], config["extra_modules"]) == (4, 8, ["projector"])
+    assert (config["r"], config["alpha"], config["extra_modules"]) == (4, 8, [])
+    tensors = load_file(str(out / "adapter.safetensors"))
+    assert len(tensors) == 2 * 2 * 7 and all(k.endswith((".lora_A", ".lora_B")) for k in tensors)
+    optimizer = torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["optimizer"]
+    assert len(optimizer["state"]) == len(tensors)  # nothing else was trained
     base = GeoChat.from_pretrained(setup_dir["ckpt"], dtype=torch.float32)
     tuned = GeoChat.from_pretrained(setup_dir["ckpt"], dtype=torch.float32)
     wrapped = lora.load_adapter(tuned, out)
     assert len(wrapped) == 2 * 7
-    tensors = load_file(str(out / "adapter.safetensors"))
     assert any(k.endswith("lora_B") and v.abs().sum() > 0 for k, v in tensors.items())
-    torch.testing.assert_close(tuned.projector.fc1.weight, tensors["projector.fc1.weight"])
     ids = torch.tensor([[1, -200, 40, 41, 42, 43]])
     images = torch.randn(1, 3, 28, 28)
     with torch.no_grad():
         assert not torch.allclose(base(ids, images), tuned.eval()(ids, images), atol=1e-4)
+
+
+def test_train_projector_option(setup_dir, tmp_path, capsys):
+    """--train-projector trains the projector too and saves it in the adapter; it goes with --mode lora only."""
+    out = tmp_path / "lora_projector"
+    args = base_args(setup_dir, out, "--mode", "lora", "--train-projector", "--max-steps", 2, "--global-batch", 4,
+                     "--batch-size", 4, "--lr", 5e-2, "--lora-r", 4, "--lora-alpha", 8)
+    run_main(args)
+    assert json.loads((out / "adapter_config.json").read_text())["extra_modules"] == ["projector"]
+    tensors = load_file(str(out / "adapter.safetensors"))
+    base = load_file(str(setup_dir["ckpt"] / "model.safetensors"))
+    assert not torch.equal(tensors["projector.fc1.weight"], base["projector.fc1.weight"])
+    model = GeoChat.from_pretrained(setup_dir["ckpt"], dtype=torch.float32)
+    lora.load_adapter(model, out)
+    torch.testing.assert_close(model.projector.fc1.weight, tensors["projector.fc1.weight"], rtol=0, atol=0)
+    with pytest.raises(SystemExit) as e:
+        run_main([a if a != "lora" else "full" for a in map(str, args)])
+    assert e.value.code == 2 and "--train-projector goes with --mode lora" in capsys.readouterr().err
 
 
 def test_loss_falls_full_mode_and_checkpoint_loads(setup_dir, tmp_path):
@@ -265,7 +293,7 @@ def test_projector_mode_and_scratch_config(setup_dir, tmp_path):
     scratch = tmp_path / "scratch"
     run_main(["--config", str(setup_dir["config"]), "--tokenizer", str(setup_dir["tokenizer"]), "--data", str(setup_dir["data"]),
               "--image-folder", str(setup_dir["images"]), "--out", str(scratch), "--device", "cpu", "--mode", "full",
-              "--max-steps", 2, "--global-batch", 4, "--batch-size", 2, "--lr", 1e-2])  # bfloat16 autocast
+              "--max-steps", 2, "--global-batch", 4, "--batch-size", 2, "--lr", 1e-2, "--dtype", "bfloat16"])
     trained = GeoChat.from_pretrained(scratch, dtype=torch.float32)
     cfg = tiny_config()
     with torch.device("meta"):
@@ -273,7 +301,8 @@ def test_projector_mode_and_scratch_config(setup_dir, tmp_path):
     fresh.to_empty(device="cpu")
     train.init_weights(fresh, 0)
     assert not torch.equal(trained.vision.blocks[0].attn.q_proj.weight, fresh.vision.blocks[0].attn.q_proj.weight)
-    assert trained.llm.lm_head.weight.dtype == torch.float32
+    saved = load_file(str(scratch / "model.safetensors"))  # trained under bf16 autocast: the fp32 masters are saved
+    assert {t.dtype for t in saved.values()} == {torch.float32}
 
 
 def tiny_batch(setup_dir):
@@ -308,17 +337,8 @@ def test_loss_matches_full_logits_and_grad_ckpt_is_exact(setup_dir):
     assert train.n_labelled(batch) == int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def test_checkpoint_fallback_and_dummy_rows(tmp_path):
-    """A kill between the two renames leaves ckpt.old: resume uses it; micro-batches without images get a dummy row."""
-    assert train.find_checkpoint(tmp_path) is None
-    (tmp_path / "ckpt.old").mkdir()
-    (tmp_path / "ckpt.old" / "train_state.pt").write_bytes(b"")
-    (tmp_path / "ckpt.tmp").mkdir()
-    assert train.find_checkpoint(tmp_path) == tmp_path / "ckpt.old"
-    (tmp_path / "ckpt").mkdir()
-    (tmp_path / "ckpt" / "train_state.pt").write_bytes(b"")
-    assert train.find_checkpoint(tmp_path) == tmp_path / "ckpt"
-
+def test_dummy_rows():
+    """Micro-batches without images get an unlabelled dummy row with an image (every FSDP unit runs on every rank)."""
     dummy = train.with_image(None, 1, 0, 28)
     assert dummy["images"].shape == (1, 3, 28, 28) and (dummy["labels"] == IGNORE_INDEX).all()
     text = {"input_ids": torch.tensor([[1, 5, 6]]), "labels": torch.tensor([[-100, 5, 6]]), "images": None}
@@ -327,11 +347,63 @@ def test_checkpoint_fallback_and_dummy_rows(tmp_path):
     assert padded["labels"].tolist() == [[-100, 5, 6], [-100] * 3] and train.n_labelled(padded) == 2
 
 
-def test_lr_schedule():
-    lrs = [train.lr_at(s, 100, 3, 2e-4) for s in range(100)]
-    assert lrs[:3] == pytest.approx([2e-4 / 3, 4e-4 / 3, 2e-4])
-    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
-    assert 0 < lrs[-1] < 1e-6 and train.lr_at(100, 100, 3, 2e-4) == pytest.approx(0, abs=1e-12)
+@pytest.mark.parametrize("total, warmup", [(100, 3), (10, 0), (7, 7), (1, 1), (5000, 150), (9, 4)])
+def test_lr_schedule_equals_transformers(total, warmup):
+    """lr_at(step) is the lr transformers' get_cosine_schedule_with_warmup gives optimizer step `step`, exactly."""
+    transformers = pytest.importorskip("transformers")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-4)
+    schedule = transformers.get_cosine_schedule_with_warmup(optimizer, warmup, total)
+    for step in range(total):
+        assert train.lr_at(step, total, warmup, 2e-4) == optimizer.param_groups[0]["lr"], step
+        optimizer.step()
+        schedule.step()
+
+
+def test_max_length_counts_text_ids_with_the_placeholder_once(setup_dir, tmp_path):
+    """--max-length truncates the text ids (the <image> placeholder one id), as the reference's model_max_length."""
+    tokenizer = Tokenizer(setup_dir["tokenizer"])
+    whole = InstructDataset(setup_dir["data"], setup_dir["images"], tokenizer, image_size=28, max_length=10**6)[0]
+    n_text = len(whole["input_ids"])
+    for max_length in (n_text, n_text - 1):
+        args = train.parse_args(base_args(setup_dir, tmp_path / "out", "--max-length", max_length, "--global-batch", 4))
+        dataset = train.setup(args, 0, 1, torch.device("cpu"))[-1]
+        item = dataset[0]  # the tiny model splices 4 image features on top
+        assert item["image"] is not None
+        assert item["input_ids"].tolist() == whole["input_ids"][:max_length].tolist()
+
+
+def test_options_have_help_and_defaults_shown():
+    """Every option has a help text; --help shows the defaults."""
+    parser = train.build_parser()
+    assert parser.formatter_class is argparse.ArgumentDefaultsHelpFormatter
+    assert all(action.help for action in parser._actions), [a.option_strings for a in parser._actions if not a.help]
+    text = " ".join(parser.format_help().split())
+    for shown in ("(default: 2048)", "(default: auto)", "(default: lora)", "(default: 0.0002)", "(default: 500)"):
+        assert shown in text
+
+
+@pytest.mark.parametrize("device, avx512_bf16, amx, expected", [
+    ("cpu", False, False, "float32"), ("cpu", True, False, "bfloat16"), ("cpu", False, True, "bfloat16"),
+    ("cuda", False, False, "bfloat16"),
+])
+def test_default_dtype_follows_the_device(monkeypatch, capsys, device, avx512_bf16, amx, expected):
+    """--dtype auto: bfloat16 on cuda and on CPUs with native bf16, else float32; no warning."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert train.resolve_dtype("auto", device) == expected
+    assert capsys.readouterr().err == ""
+
+
+def test_explicit_bfloat16_on_a_cpu_without_native_bf16_warns(monkeypatch, capsys):
+    """--dtype bfloat16 is kept on any CPU, with a one-line warning where it runs emulated."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert train.resolve_dtype("bfloat16", "cpu") == "bfloat16"
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("train.py: warning: "), err
+    assert train.resolve_dtype("float32", "cpu") == "float32" and capsys.readouterr().err == ""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert train.resolve_dtype("bfloat16", "cpu") == "bfloat16" and capsys.readouterr().err == ""
 
 
 def test_compile_and_grad_ckpt_step(setup_dir, tmp_path):
@@ -357,6 +429,8 @@ def test_compile_and_grad_ckpt_step(setup_dir, tmp_path):
     ("image outside folder", "points outside the image folder"),
     ("too few samples", "has 24 samples, fewer than one global batch \\(48\\)"),
     ("bad number", "--batch-size must be >= 1"),
+    ("resume without checkpoint", "--resume: .*out holds no checkpoint"),
+    ("metrics without checkpoint", "metrics.jsonl is from a run that saved no checkpoint"),
 ])
 def test_bad_input(setup_dir, tmp_path, capsys, case, message):
     s = dict(setup_dir)
@@ -387,6 +461,11 @@ def test_bad_input(setup_dir, tmp_path, capsys, case, message):
         extra = ["--global-batch", 48, "--batch-size", 4]
     elif case == "bad number":
         extra = ["--batch-size", 0]
+    elif case == "resume without checkpoint":
+        extra += ["--resume"]
+    elif case == "metrics without checkpoint":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     args = base_args(s, tmp_path / "out", *extra)
     if case in ("config without tokenizer", "unknown config"):
         i = args.index("--checkpoint")
@@ -399,3 +478,5 @@ def test_bad_input(setup_dir, tmp_path, capsys, case, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("train.py: error: "), err
     assert __import__("re").search(message, err[0]), err[0]
+    if case == "metrics without checkpoint":
+        assert (tmp_path / "out" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n'  # kept
