@@ -19,7 +19,6 @@ import json
 import math
 import os
 import re
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -50,6 +49,17 @@ def _to_rgb(img):
         # PIL clamps 16-bit values to 255 (an all-white image); scale 0..65535 to 0..255 instead
         pixels = np.asarray(img, dtype=np.float64) / 257.0  # (H, W)
         img = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        # 32-bit float (e.g. a reflectance GeoTIFF): PIL truncates 0..1 values to 0 (an all-black image)
+        pixels = np.asarray(img, dtype=np.float64)  # (H, W)
+        if not np.isfinite(pixels).all():
+            raise ValueError("float image with NaN or infinite pixels")
+        low, high = float(pixels.min()), float(pixels.max())
+        if low >= 0.0 and high <= 1.0:
+            pixels = pixels * 255.0
+        elif low < 0.0 or high > 255.0:
+            raise ValueError(f"float image with values in [{low:g}, {high:g}]; expected 0-1 or 0-255: rescale it first")
+        img = Image.fromarray(np.rint(pixels).astype(np.uint8), mode="L")
     elif img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # same colours as P -> RGB, without PIL's transparency warning
     try:
@@ -201,10 +211,6 @@ class Tokenizer:
         """Ids -> text, skipping special tokens and ids outside the vocabulary (a model's padded embedding rows)."""
         skip = set(self.special_ids.values()) | {self.pad_id}
         return self.sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size and int(i) not in skip])
-
-    def token_to_piece(self, token_id):
-        """The SentencePiece piece of one id, e.g. "▁the" or "<0x0A>"."""
-        return self.sp.id_to_piece(int(token_id))
 
 
 # -----------------------------------------------------------------------------
@@ -367,6 +373,9 @@ def encode_conversation(tokenizer, conversations, template="vicuna_v1"):
     return input_ids, labels
 
 
+SKIP_REASONS = ("missing_image", "corrupt_image", "image_cut_by_max_length", "no_answer_tokens_left")  # InstructDataset.skipped's keys
+
+
 class InstructDataset(torch.utils.data.Dataset):
     """GeoChat_Instruct json -> dict(input_ids, labels, image) items; unusable samples come back as None."""
 
@@ -449,13 +458,11 @@ class InstructDataset(torch.utils.data.Dataset):
         if self.image_paths[i] is not None:
             try:
                 image = preprocess_image(load_image(self.image_paths[i]), self.image_size)  # (3, S, S)
-            except FileNotFoundError as e:
+            except FileNotFoundError:
                 self.skipped["missing_image"] += 1
-                warnings.warn(f"skipping record {i}: {e}", stacklevel=2)
                 return None
-            except ValueError as e:
+            except ValueError:
                 self.skipped["corrupt_image"] += 1
-                warnings.warn(f"skipping record {i}: {e}", stacklevel=2)
                 return None
         return dict(input_ids=torch.tensor(input_ids, dtype=torch.long),
                     labels=torch.tensor(labels, dtype=torch.long),

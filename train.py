@@ -47,7 +47,7 @@ resume it; rank 0 reads it and FSDP broadcasts it), the step and data position (
 at that position of the same permutation) and each rank's RNG state (same world size; else every rank
 is reseeded from seed, rank and step). The lr is a pure function of the step. Settings that change the
 run's data order or shapes (mode, trained modules, global batch, seed, dataset size, total steps, LoRA
-r/alpha) must match. Ctrl-C stops with exit code 130, keeping the last complete checkpoint.
+r/alpha/dropout) must match. Ctrl-C stops with exit code 130, keeping the last complete checkpoint.
 
 Unlike model.llm(embeds), CausalLMLoss runs lm_head only at labelled positions (no (B, L, vocab)
 logits) and checkpoints blocks without wrapper modules; tests check it against model.llm's logits.
@@ -60,7 +60,9 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -70,13 +72,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-from data import InstructDataset, ShardedSampler, Tokenizer, collate
+from data import SKIP_REASONS, InstructDataset, ShardedSampler, Tokenizer, collate
 from geochat import DTYPES, GEOCHAT_CONFIGS, IGNORE_INDEX, IMAGE_TOKEN_ID, NATIVE_FORMAT, GeoChat, GeoChatConfig
 
 MODES = ("lora", "projector", "full")
 CKPT, CKPT_TMP, CKPT_OLD = "ckpt", "ckpt.tmp", "ckpt.old"
 TRAIN_STATE = "train_state.pt"
 METRICS = "metrics.jsonl"
+# The reasons data.InstructDataset counts in its `skipped` Counter.
 # Fault injection for tests only: GEOCHAT_TEST_KILL_AT="<save step>:<train step>" makes the save of that
 # train step os._exit(KILL_EXIT_CODE) right after that save step.
 KILL_AT_ENV = "GEOCHAT_TEST_KILL_AT"
@@ -160,10 +163,19 @@ def check_args(args):
         raise UsageError(f"--max-steps must be >= 1, got {args.max_steps}")
     if args.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+    floats = {"--lr": args.lr, "--warmup-ratio": args.warmup_ratio, "--weight-decay": args.weight_decay,
+              "--lora-alpha": args.lora_alpha, "--lora-dropout": args.lora_dropout}
+    for flag, value in floats.items():
+        if not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, got {value}")
     if not 0 <= args.warmup_ratio <= 1:
         raise UsageError(f"--warmup-ratio must be in [0, 1], got {args.warmup_ratio}")
     if args.lr <= 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
+    if args.weight_decay < 0:
+        raise UsageError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if not 0 <= args.lora_dropout < 1:
+        raise UsageError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     if args.save_every < 0:
         raise UsageError(f"--save-every must be >= 0, got {args.save_every}")
     if args.train_projector and args.mode != "lora":
@@ -373,9 +385,12 @@ def peak_flops(device) -> float | None:
 # data
 
 
-def collate_counting(items, pad_id):
-    """(collated batch or None, samples asked for, samples skipped) of one micro-batch's dataset items."""
-    return collate(items, pad_id), len(items), sum(item is None for item in items)
+def collate_counting(items, pad_id, dataset):
+    """(collated batch or None, samples asked for, skips per reason) of one micro-batch; drains dataset.skipped."""
+    # runs where the items were just loaded (DataLoader worker or main process): that Counter holds their skips only
+    skips = Counter(dataset.skipped)
+    dataset.skipped.clear()
+    return collate(items, pad_id), len(items), skips
 
 
 def micro_batches(dataset, args, rank, world, epoch, step_in_epoch, steps_per_epoch, pad_id):
@@ -387,7 +402,8 @@ def micro_batches(dataset, args, rank, world, epoch, step_in_epoch, steps_per_ep
         sampler.set_epoch(epoch, start_index=step_in_epoch * per_rank)
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
-            collate_fn=partial(collate_counting, pad_id=pad_id), generator=torch.Generator().manual_seed(args.seed),
+            collate_fn=partial(collate_counting, pad_id=pad_id, dataset=dataset),
+            generator=torch.Generator().manual_seed(args.seed),
             persistent_workers=False, pin_memory=args.device == "cuda")
         n_micro = (steps_per_epoch - step_in_epoch) * per_rank // args.batch_size
         for i, micro in enumerate(loader):
@@ -395,6 +411,24 @@ def micro_batches(dataset, args, rank, world, epoch, step_in_epoch, steps_per_ep
                 break
             yield micro
         epoch, step_in_epoch = epoch + 1, 0
+
+
+def next_global_batch(batches, accum: int, args, world: int, device, step: int):
+    """(micro-batches of this rank, labelled tokens and skips per reason of the global batch); exit 2 if none trains."""
+    micro = [next(batches) for _ in range(accum)]
+    counts = [sum(n_labelled(b) for b, _, _ in micro), *(sum(s[r] for _, _, s in micro) for r in SKIP_REASONS)]
+    counts = torch.tensor(counts, dtype=torch.float64, device=device)
+    counts = all_reduce_sum(counts, world).cpu().tolist()
+    skips = Counter({reason: int(n) for reason, n in zip(SKIP_REASONS, counts[1:]) if n})
+    if counts[0] == 0:
+        fail(f"{args.data}: no trainable sample in the {args.global_batch} samples of step {step + 1}: skipped "
+             f"{format_skips(skips)} (check --image-folder and --max-length)")
+    return micro, counts[0], skips
+
+
+def format_skips(skips: Counter) -> str:
+    """'reason count, ...' of a skip Counter, 'none' when empty."""
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(skips.items())) or "none"
 
 
 def n_labelled(batch) -> int:
@@ -622,6 +656,11 @@ def setup(args, rank, world, device):
         raise UsageError(f"--resume: {out} holds no checkpoint ({CKPT}/ or {CKPT_OLD}/ with {TRAIN_STATE})")
     if ckpt is None and (out / METRICS).exists():
         raise UsageError(f"{out / METRICS} is from a run that saved no checkpoint; move it away or pick another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise UsageError(f"--out {out} is not a writable directory ({e.strerror or e})") from None
     tokenizer_path = Path(args.tokenizer) if args.tokenizer else Path(args.checkpoint) / "tokenizer.model"
     if tokenizer_path.is_dir():
         tokenizer_path = tokenizer_path / "tokenizer.model"
@@ -688,10 +727,10 @@ def train(args, rank, world, device, out, ckpt, tokenizer, tokenizer_path, model
     total_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
     warmup = math.ceil(args.warmup_ratio * total_steps)
     accum = args.global_batch // (args.batch_size * world)
-    state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "skipped": 0}
+    state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "skipped": 0, "skipped_by_reason": {}}
     run_info = {"mode": args.mode, "train_modules": train_modules(args), "global_batch": args.global_batch,
                 "seed": args.seed, "dataset_len": len(dataset), "total_steps": total_steps, "lora_r": args.lora_r,
-                "lora_alpha": args.lora_alpha}
+                "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout}
     if ckpt is not None:
         state = read_train_state(ckpt, rank, world)  # the optimizer state on rank 0 only
         changed = {k: (state["run"].get(k), v) for k, v in run_info.items() if state["run"].get(k) != v}
@@ -717,9 +756,8 @@ def train(args, rank, world, device, out, ckpt, tokenizer, tokenizer_path, model
             torch.manual_seed(args.seed + 1000 * rank + state["step"])
     else:
         torch.manual_seed(args.seed + rank)  # dropout differs across ranks
-    start_step, skipped_total = state["step"], state["skipped"]
+    start_step, skipped_total, skip_totals = state["step"], state["skipped"], Counter(state["skipped_by_reason"])
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
         keep_metrics(out / METRICS, start_step)
         print(f"GeoChat {args.mode}: {n_params / 1e6:.1f}M params, {n_trainable / 1e6:.2f}M trainable; "
@@ -732,15 +770,18 @@ def train(args, rank, world, device, out, ckpt, tokenizer, tokenizer_path, model
                             tokenizer.pad_id)
     from tqdm import tqdm
 
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, disable=rank != 0)
+    bar = None
     metrics = {}
     loss_model.train()
     try:
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(accum)]
-            n_target = torch.tensor(sum(n_labelled(b) for b, _, _ in micro), dtype=torch.float64, device=device)
-            n_target = float(all_reduce_sum(n_target, world))  # labelled tokens of the global batch
+            micro, n_target, skips = next_global_batch(batches, accum, args, world, device, step)
+            if bar is None:  # after the first batch's checks, so that an error there stays one line
+                if rank == 0 and sum(skips.values()) > 0.1 * args.global_batch:
+                    print(f"train.py: warning: {sum(skips.values())} of the {args.global_batch} samples of step "
+                          f"{step + 1} skipped: {format_skips(skips)}", file=sys.stderr, flush=True)
+                bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, disable=rank != 0)
             lr = lr_at(step, total_steps, warmup, args.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -751,16 +792,18 @@ def train(args, rank, world, device, out, ckpt, tokenizer, tokenizer_path, model
                 elif batch is None:
                     continue
                 # FSDP averages gradients over ranks: scale by world so they sum, i.e. d(global sum / global count)
-                loss_sum += forward_backward(loss_model, batch, world / max(n_target, 1.0), device, autocast)
+                loss_sum += forward_backward(loss_model, batch, world / n_target, device, autocast)
             grad_norm = optimizer_step(trainable, optimizer)
-            stats = torch.tensor([float(loss_sum), sum(n_tokens(b, cfg.n_image_tokens) for b, _, _ in micro),
-                                  sum(n for _, n, _ in micro), sum(s for _, _, s in micro)], dtype=torch.float64)
+            stats = torch.tensor([float(loss_sum), sum(n_tokens(b, cfg.n_image_tokens) for b, _, _ in micro)],
+                                 dtype=torch.float64)
             stats = all_reduce_sum(stats.to(device), world).cpu()
             elapsed = time.perf_counter() - t0
-            skipped_total += int(stats[3])
-            loss = float(stats[0]) / max(n_target, 1.0)
+            skipped_total += sum(skips.values())
+            skip_totals += skips
+            loss = float(stats[0]) / n_target
+            n_trained = args.global_batch - sum(skips.values())
             metrics = {"step": step + 1, "loss": loss, "lr": lr, "tokens": int(stats[1]),
-                       "tokens_per_s": float(stats[1]) / elapsed, "samples_per_s": float(stats[2] - stats[3]) / elapsed,
+                       "tokens_per_s": float(stats[1]) / elapsed, "samples_per_s": n_trained / elapsed,
                        "grad_norm": grad_norm, "skipped": skipped_total}
             if peak is not None:
                 metrics["mfu"] = 6 * n_llm_params * metrics["tokens_per_s"] / (peak * world)
@@ -777,15 +820,16 @@ def train(args, rank, world, device, out, ckpt, tokenizer, tokenizer_path, model
                 schedule = {"warmup_steps": warmup, "total_steps": total_steps, "peak_lr": args.lr,
                             "kind": "transformers-cosine-with-warmup"}
                 train_state = {"step": step + 1, "epoch": epoch, "step_in_epoch": step_in_epoch,
-                               "skipped": skipped_total, "lr": lr, "schedule": schedule, "run": run_info}
+                               "skipped": skipped_total, "skipped_by_reason": dict(skip_totals), "lr": lr,
+                               "schedule": schedule, "run": run_info}
                 save_checkpoint(out, model, loss_model, optimizer, args, tokenizer_path, train_state, rank, world,
                                 device)
     finally:
-        bar.close()  # before any Ctrl-C message
+        if bar is not None:
+            bar.close()  # before any Ctrl-C message
     if rank == 0:
-        skipped = dict(dataset.skipped)
         print(f"done: {total_steps} steps, last loss {metrics.get('loss', float('nan')):.4f}, skipped samples "
-              f"{skipped_total}" + (f" {skipped}" if skipped else "") + f"; checkpoint in {out / CKPT}", flush=True)
+              f"{skipped_total} ({format_skips(skip_totals)}); checkpoint in {out / CKPT}", flush=True)
     return {"step": total_steps, "loss": metrics.get("loss"), "skipped": skipped_total}
 
 

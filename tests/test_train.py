@@ -199,10 +199,12 @@ def test_resume_after_ctrl_c_mid_save_matches_straight_run(setup_dir, tmp_path, 
 
     with pytest.raises(SystemExit) as e:  # no silent overwrite of a run
         run_main(base_args(setup_dir, killed, *common))
-    assert e.value.code == 2
-    with pytest.raises(SystemExit) as e:  # a resume must keep the run's geometry
-        run_main(base_args(setup_dir, killed, *common, "--resume", "--lora-r", 8))
-    assert e.value.code == 2 and "settings differ" in capsys.readouterr().err
+    assert e.value.code == 2 and "already holds a checkpoint" in capsys.readouterr().err
+    for changed in (["--lora-r", 8], ["--lora-dropout", 0.1]):  # a resume must keep the run's geometry and LoRA
+        with pytest.raises(SystemExit) as e:
+            run_main(base_args(setup_dir, killed, *common, "--resume", *changed))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "settings differ" in err[0], err
 
     run_main(base_args(setup_dir, killed, *common, "--resume"))
     assert not (killed / "ckpt.tmp").exists()
@@ -416,6 +418,32 @@ def test_compile_and_grad_ckpt_step(setup_dir, tmp_path):
     assert names == load_file(str(tmp_path / "eager" / "adapter.safetensors")).keys()
 
 
+@pytest.mark.filterwarnings("error:skipping record:UserWarning")
+def test_skips_are_counted_per_reason(tmp_path, setup_dir, capsys):
+    """Skipped samples: no warning per record; a warning line after a first step with >10% skipped, counts at the end."""
+    data = write_dataset(tmp_path, n=8, extras=False)
+    records = json.loads(data.read_text())
+    for record in records[:3]:
+        record["image"] = "missing.png"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "out"
+    run_main(["--checkpoint", str(setup_dir["ckpt"]), "--data", str(data), "--image-folder", str(tmp_path / "images"),
+              "--out", str(out), "--device", "cpu", "--dtype", "float32", "--max-steps", 1, "--global-batch", 8,
+              "--batch-size", 4, "--lora-r", 4])
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[0] == "train.py: warning: 3 of the 8 samples of step 1 skipped: missing_image 3"
+    assert "skipped samples 3 (missing_image 3)" in captured.out.splitlines()[-1]
+    assert metrics(out)[-1]["skipped"] == 3
+    state = torch.load(out / "ckpt" / "train_state.pt", weights_only=True)
+    assert state["skipped_by_reason"] == {"missing_image": 3}
+
+
+BAD_FLAGS = {"nan lr": ["--lr", "nan"], "inf lr": ["--lr", "inf"], "nan warmup": ["--warmup-ratio", "nan"],
+             "nan weight decay": ["--weight-decay", "nan"], "inf lora alpha": ["--lora-alpha", "inf"],
+             "nan lora dropout": ["--lora-dropout", "nan"], "lora dropout 1": ["--lora-dropout", 1]}
+
+
+@pytest.mark.filterwarnings("error:skipping record:UserWarning")
 @pytest.mark.parametrize("case, message", [
     ("missing checkpoint", "checkpoint directory .*nowhere not found"),
     ("missing data", "data file .*nope.json not found"),
@@ -431,9 +459,22 @@ def test_compile_and_grad_ckpt_step(setup_dir, tmp_path):
     ("bad number", "--batch-size must be >= 1"),
     ("resume without checkpoint", "--resume: .*out holds no checkpoint"),
     ("metrics without checkpoint", "metrics.jsonl is from a run that saved no checkpoint"),
+    ("nan lr", "--lr must be a finite number, got nan"),
+    ("inf lr", "--lr must be a finite number, got inf"),
+    ("nan warmup", "--warmup-ratio must be a finite number"),
+    ("nan weight decay", "--weight-decay must be a finite number"),
+    ("inf lora alpha", "--lora-alpha must be a finite number"),
+    ("nan lora dropout", "--lora-dropout must be a finite number"),
+    ("lora dropout 1", "--lora-dropout must be in \\[0, 1\\), got 1.0"),
+    ("out under a file", "--out .*file/out is not a writable directory"),
+    ("read-only out", "--out .*readonly/out is not a writable directory"),
+    ("all images missing", "bad.json: no trainable sample in the 4 samples of step 1: skipped missing_image 4 "),
+    ("all cut by max length", "instruct.json: no trainable sample in the 4 samples of step 1: skipped "
+                              "image_cut_by_max_length \\d"),
 ])
 def test_bad_input(setup_dir, tmp_path, capsys, case, message):
     s = dict(setup_dir)
+    out = tmp_path / "out"
     extra = ["--global-batch", 4, "--batch-size", 4]
     bad = tmp_path / "bad.json"
     convo = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "urban"}]
@@ -466,7 +507,22 @@ def test_bad_input(setup_dir, tmp_path, capsys, case, message):
     elif case == "metrics without checkpoint":
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
-    args = base_args(s, tmp_path / "out", *extra)
+    elif case in BAD_FLAGS:
+        extra += BAD_FLAGS[case]
+    elif case == "out under a file":
+        (tmp_path / "file").write_text("")
+        out = tmp_path / "file" / "out"
+    elif case == "read-only out":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only directories")
+        (tmp_path / "readonly").mkdir(mode=0o555)
+        out = tmp_path / "readonly" / "out"
+    elif case == "all images missing":
+        bad.write_text(json.dumps([{"id": i, "image": "missing.png", "conversations": convo} for i in range(4)]))
+        s["data"] = bad
+    elif case == "all cut by max length":
+        extra += ["--max-length", 3]
+    args = base_args(s, out, *extra)
     if case in ("config without tokenizer", "unknown config"):
         i = args.index("--checkpoint")
         args[i:i + 2] = ["--config", str(s["config"]) if case == "config without tokenizer" else "nonsense"]
@@ -478,5 +534,8 @@ def test_bad_input(setup_dir, tmp_path, capsys, case, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("train.py: error: "), err
     assert __import__("re").search(message, err[0]), err[0]
+    assert not (out / "ckpt").exists() and not (out / "adapter.safetensors").exists()
+    if case != "metrics without checkpoint":
+        assert not (out / "metrics.jsonl").exists()
     if case == "metrics without checkpoint":
         assert (tmp_path / "out" / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n'  # kept
