@@ -297,9 +297,7 @@ def load(checkpoint, device, dtype, lora=None, compile=False, vision_tower=None)
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"checkpoint directory {checkpoint} not found")
-    config = checkpoint / "config.json"
-    if not isinstance(read_json(config), dict):  # GeoChat.from_pretrained would fail on it with an AttributeError
-        raise ValueError(f"{config}: expected a JSON object")
+    read_json(checkpoint / "config.json")  # one line for a missing, broken or non-object config.json, before the tokenizer
     tokenizer = data.Tokenizer(checkpoint / "tokenizer.model")
     model = GeoChat.from_pretrained(checkpoint, dtype=dtype, device=device, vision_tower=vision_tower)
     if lora is not None:  # merged into the base weights (computed in float32): no per-token LoRA cost

@@ -137,3 +137,9 @@ def test_ctrl_c_keeps_the_answers_so_far(tiny_checkpoint, tmp_path):
     assert "interrupted: the answers so far are kept" in err and "Traceback" not in err
     rows = [json.loads(line) for line in answers.read_text().splitlines()]
     assert 1 <= len(rows) < 5000 and all(r["bench"] == "vqa" and isinstance(r["answer"], str) for r in rows)
+
+
+def test_run_generates_up_to_256_tokens_like_the_reference_scripts():
+    args = geochat_eval.build_parser().parse_args(["run", "--bench", "referring", "--questions", "q", "--image-folder", "f",
+                                                   "--checkpoint", "c", "--answers", "a"])
+    assert args.max_new_tokens == 256  # every bench: six or more boxes are not cut short
