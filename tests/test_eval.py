@@ -1,9 +1,7 @@
 """Tests for eval.py (GeoChat-Bench scoring)."""
 
 import json
-import math
 import os
-import random
 import subprocess
 import sys
 
