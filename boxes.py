@@ -156,3 +156,54 @@ def polygon_iou(poly_a, poly_b) -> float:
     if union <= _EPS:
         return 0.0
     return min(1.0, max(0.0, inter / union))
+
+
+def polygon_intersection(poly_a, poly_b) -> list[Point]:
+    """The convex polygon shared by two convex polygons (corner order free); [] when they do not overlap."""
+    a, b = convex_hull(poly_a), convex_hull(poly_b)
+    if len(a) < 3 or len(b) < 3:
+        return []
+    shared = _clip(a, b)
+    return shared if len(shared) >= 3 else []
+
+
+def pixels_to_grid(points, width, height) -> list[Point]:
+    """Points in original-image pixels of a width x height image -> the 0-100 grid (inverse of box_polygon's mapping)."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    side = max(width, height)
+    offset_x, offset_y = (side - width) // 2, (side - height) // 2
+    return [((x + offset_x) * 100 / side, (y + offset_y) * 100 / side) for x, y in points]
+
+
+def box_from_polygon(points, label=None) -> Box:
+    """The smallest-area rotated rectangle holding the points, as a Box in this file's convention (θ in [0, 90)).
+
+    Rotating calipers over the convex hull: one side of the best rectangle lies on a hull edge. The
+    rectangle's side along direction (cos φ, sin φ) on screen is the box's x1..x2 side turned by θ = -φ;
+    a w x h box at θ + 90 is the h x w box at θ, which brings θ into [0, 90). ValueError for fewer than
+    three distinct non-collinear points.
+    """
+    hull = convex_hull(points)
+    if len(hull) < 3 or polygon_area(hull) <= _EPS:
+        raise ValueError(f"degenerate polygon {list(points)}: it encloses no area")
+    best = None
+    for i in range(len(hull)):
+        (ax, ay), (bx, by) = hull[i], hull[(i + 1) % len(hull)]
+        length = math.hypot(bx - ax, by - ay)
+        ux, uy = (bx - ax) / length, (by - ay) / length  # along the edge
+        along = [x * ux + y * uy for x, y in hull]
+        across = [-x * uy + y * ux for x, y in hull]  # along (-uy, ux)
+        area = (max(along) - min(along)) * (max(across) - min(across))
+        if best is None or area < best[0] - _EPS:
+            best = (area, ux, uy, min(along), max(along), min(across), max(across))
+    _, ux, uy, a_lo, a_hi, c_lo, c_hi = best
+    a_mid, c_mid = (a_lo + a_hi) / 2, (c_lo + c_hi) / 2
+    cx, cy = a_mid * ux - c_mid * uy, a_mid * uy + c_mid * ux
+    w, h = a_hi - a_lo, c_hi - c_lo
+    theta = (-math.degrees(math.atan2(uy, ux))) % 180.0
+    if theta >= 90.0:
+        theta, w, h = theta - 90.0, h, w
+    if theta >= 90.0 - 1e-9:  # float noise at the wrap-around
+        theta, w, h = 0.0, h, w
+    return Box(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, theta, label)

@@ -14,7 +14,11 @@ reach the flash kernel on GPU (given fp16/bf16 and head_dim <= 256; flash also s
 A mask rules flash out (SDPA falls back to a kernel that takes one: memory-efficient, math with GQA):
 - padded batches (a padded forward, a left-padded prefill) and every prefill after the first;
 - every single-token decode step against the KV cache, whose mask selects the filled slots.
-The optional static KV cache (gpt-fast style) is preallocated per layer and written at `cache_pos`.
+scripts/gpu_check.py forces sdpa_kernel(FLASH_ATTENTION) over the first kind (and the vision tower) and
+the memory-efficient kernel over the second, so a change that leaves a fast path fails there.
+The optional static KV cache (gpt-fast style) is preallocated per layer and written at `cache_pos`; it is
+reused while big enough (largest batch and length so far), and the RoPE tables are buffers beside it, so
+a compiled decode step keeps the same buffer addresses from call to call.
 """
 
 from dataclasses import dataclass, fields
@@ -141,10 +145,12 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, H, T, D) at slots cache_pos (T,); return the whole cache."""
-        self.k.index_copy_(2, cache_pos, k)
-        self.v.index_copy_(2, cache_pos, v)
-        return self.k, self.v
+        """Write k, v (B, H, T, D) at slots cache_pos (T,) of the first B rows; return those rows of the cache."""
+        rows = k.shape[0]  # a batch may use fewer rows than the cache holds (the cache is sized for the largest)
+        k_cache, v_cache = self.k[:rows], self.v[:rows]  # (B, Hkv, S, D) views: same storage, no copy
+        k_cache.index_copy_(2, cache_pos, k)
+        v_cache.index_copy_(2, cache_pos, v)
+        return k_cache, v_cache
 
 
 class Attention(nn.Module):
@@ -207,18 +213,36 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.rope_table: tuple | None = None  # (cos, sin) (max_seq_len, head_dim), set with the KV cache
+        # cos / signed sin of every position (max_seq_len, head_dim), set with the KV cache (not saved)
+        self.register_buffer("rope_cos", None, persistent=False)
+        self.register_buffer("rope_sin", None, persistent=False)
 
-    def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None):
-        """Preallocate a static KV cache of max_seq_len slots in every layer."""
+    def setup_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None) -> bool:
+        """Make sure every layer has a static KV cache of at least batch_size rows and max_seq_len slots.
+
+        As gpt-fast's setup_caches: a cache that is already big enough (same dtype and device) is kept,
+        so its buffers keep their addresses (no CUDA-graph re-recording, no recompilation); a larger one
+        replaces it, sized for the largest batch and length asked so far. Returns whether it allocated.
+        """
         if max_seq_len > self.cfg.max_seq_len:
             raise ValueError(f"cache of {max_seq_len} positions exceeds the context of {self.cfg.max_seq_len}")
         weight = self.embed_tokens.weight
         dtype, device = dtype or weight.dtype, device or weight.device
+        old = self.layers[0].attn.kv_cache
+        if old is not None and old.k.dtype == dtype and old.k.device == device:
+            if old.k.shape[0] >= batch_size and old.k.shape[2] >= max_seq_len:
+                return False
+            batch_size, max_seq_len = max(batch_size, old.k.shape[0]), max(max_seq_len, old.k.shape[2])
         for layer in self.layers:
-            layer.attn.kv_cache = KVCache(batch_size, self.cfg.n_kv_heads, max_seq_len, self.cfg.head_dim, dtype, device)
-        # cos/sin of every position, looked up per step instead of recomputed (the same float32 values)
-        self.rope_table = rope_cos_sin(torch.arange(self.cfg.max_seq_len, device=device), self.cfg.head_dim, self.cfg.rope_theta, dtype)
+            layer.attn.kv_cache = None  # free the old cache before the new one is allocated
+        with torch.inference_mode(False):  # normal tensors: a cache made under inference_mode is reused outside it
+            for layer in self.layers:
+                layer.attn.kv_cache = KVCache(batch_size, self.cfg.n_kv_heads, max_seq_len, self.cfg.head_dim, dtype, device)
+            if self.rope_cos is None or self.rope_cos.dtype != dtype or self.rope_cos.device != device:
+                # looked up per step instead of recomputed (the same float32 angles), in the cache's compute dtype
+                positions = torch.arange(self.cfg.max_seq_len, device=device)
+                self.rope_cos, self.rope_sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, dtype)
+        return True
 
     def hidden_states(self, embeds, positions=None, mask=None, cache_pos=None, checkpoint_blocks: bool = False):
         """Final-norm hidden states (B, T, dim) for input embeddings (B, T, dim).
@@ -233,9 +257,9 @@ class Llama(nn.Module):
         B, T, _ = embeds.shape
         if positions is None:
             positions = torch.arange(T, device=embeds.device).expand(B, T)
-        if self.rope_table is not None:
-            cos, sin = self.rope_table[0][positions][:, None], self.rope_table[1][positions][:, None]  # (B, 1, T, D)
-        else:
+        if self.rope_cos is not None and self.rope_cos.dtype == embeds.dtype:
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, D)
+        else:  # RoPE in the compute dtype, the dtype of the embeddings
             cos, sin = (t[:, None] for t in rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype))
         x = embeds
         for layer in self.layers:

@@ -21,14 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 import data
-from boxes import box_polygon, parse_boxes
+from boxes import Box, box_polygon, parse_boxes
+from geo import georef, tiling
 from geochat import DTYPES, GeoChat, read_json
 from synthetic.scenes import SCENE_CLASSES as BABY_SCENE_CLASSES
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "baby-geochat"
+MIN_TILE = 16  # smallest --tile, in pixels
+DEFAULT_TILE_BATCH = 8  # tiles per batch when --tile-batch is not given
 MIN_COMPILED_CAPACITY = 256  # smallest KV cache of a compiled session; sizes double from here
 DEFAULT_QUESTIONS = {"vqa": "What is in the image?", "chat": "Describe the image in detail."}
 NON_FINITE = -1  # the token a row gets when its logits hold NaN or Inf (checked before the stop token)
@@ -75,11 +78,12 @@ def decode_step(llm, tokens, positions, cache_pos, key_valid):
 class Session:
     """A batch of conversations sharing a static KV cache: prefill blocks of embeddings, then decode token by token."""
 
-    def __init__(self, model: GeoChat, batch_size: int, capacity: int, compiled_step=None):
+    def __init__(self, model: GeoChat, batch_size: int, capacity: int, compiled_step=None, live_rows=None):
         self.model, self.llm = model, model.llm
         self.capacity = capacity
+        self.live_rows = batch_size if live_rows is None else live_rows  # rows past these only pad the batch
         device = model.llm.embed_tokens.weight.device
-        self.llm.setup_cache(batch_size, capacity)
+        self.llm.setup_cache(batch_size, capacity)  # reuses the model's cache when it is big enough
         self.key_valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)  # (B, S) filled slots
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) rotary position
         self.length = 0  # slots used
@@ -155,14 +159,18 @@ class Engine:
         embeds, mask, _ = self.model.embed_inputs(ids.to(self.device), imgs, mask.to(self.device), padding_side="left")
         return embeds, mask
 
-    def new_session(self, batch_size, prompt_length, max_new_tokens):
+    def new_session(self, batch_size, prompt_length, max_new_tokens, live_rows=None):
         """A session sized for the prompt and the token budget (rounded up to a power of two when compiled)."""
         if prompt_length >= self.context:
             raise PromptTooLong(f"the prompt is {prompt_length} tokens (image tokens included) but the context holds {self.context}")
         capacity = prompt_length + max_new_tokens
         if self.compiled_step is not None:  # the compiled step attends over the whole cache: few sizes, few graphs
             capacity = max(MIN_COMPILED_CAPACITY, 1 << (capacity - 1).bit_length())
-        return Session(self.model, batch_size, min(self.context, capacity), self.compiled_step)
+        return Session(self.model, batch_size, min(self.context, capacity), self.compiled_step, live_rows)
+
+    def batch_rows(self, n: int) -> int:
+        """Rows a batch of n prompts runs with: n eager; compiled, n rounded up to a power of two (one graph each)."""
+        return n if self.compiled_step is None else 1 << (n - 1).bit_length()
 
     @torch.inference_mode()
     def continue_generation(self, session, logits, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
@@ -174,8 +182,11 @@ class Engine:
             generator.manual_seed(seed if seed is not None else secrets.randbits(64))
         B = logits.shape[0]
         eos = self.tokenizer.eos_id
-        done = [False] * B  # rows that produced </s>: kept on the host, no tensor op per step
-        finished = None  # the same as a (B,) bool tensor, rebuilt only when a row stops
+        done = [b >= session.live_rows for b in range(B)]  # rows that produced </s> (or pad the batch), on the host
+        finished = torch.tensor(done, device=self.device) if any(done) else None  # the same as a (B,) bool tensor
+        # what a finished row feeds: </s> after its answer; the pad id in a row that only pads the batch
+        filler = torch.tensor([eos if b < session.live_rows else self.tokenizer.pad_id for b in range(B)],
+                              device=self.device)
         out = [[] for _ in range(B)]
         ids = [eos] * B
         budget = min(max_new_tokens, session.capacity - session.length)
@@ -185,7 +196,7 @@ class Engine:
                 logits = logits.where(finite[:, None], 0.0)
             tokens = sample_next(logits, temperature, top_k, top_p, generator).masked_fill(~finite, NON_FINITE)
             if finished is not None:
-                tokens = tokens.masked_fill(finished, eos)  # stopped rows go on feeding </s>
+                tokens = torch.where(finished, filler, tokens)
             ids = tokens.tolist()
             stopped = False
             for b, t in enumerate(ids):
@@ -215,12 +226,16 @@ class Engine:
                  seed=None, on_token=None) -> list:
         """Answer a batch of tokenised prompts (each holding one IMAGE_TOKEN_ID per image)."""
         t0 = time.perf_counter()
-        embeds, mask = self.embed_prompts(prompts_ids, images)
-        session = self.new_session(len(prompts_ids), embeds.shape[1], max_new_tokens)
+        embeds, mask = self.embed_prompts(prompts_ids, images)  # (n, L, D), (n, L)
+        n, rows = len(prompts_ids), self.batch_rows(len(prompts_ids))
+        if rows > n:  # rows of padding only (zero embeddings, all masked): they see themselves, their tokens are dropped
+            embeds = torch.cat([embeds, embeds.new_zeros(rows - n, *embeds.shape[1:])])  # (rows, L, D)
+            mask = torch.cat([mask, mask.new_zeros(rows - n, mask.shape[1])])  # (rows, L)
+        session = self.new_session(rows, embeds.shape[1], max_new_tokens, live_rows=n)
         logits = session.prefill(embeds, mask)
         self._sync()
         t1 = time.perf_counter()
-        ids = self.continue_generation(session, logits, max_new_tokens, temperature, top_k, top_p, seed, on_token)
+        ids = self.continue_generation(session, logits, max_new_tokens, temperature, top_k, top_p, seed, on_token)[:n]
         self._sync()
         t2 = time.perf_counter()
         if session.decode_calls >= 2:  # steady state: leave out the first step, where --compile builds its graph
@@ -241,30 +256,65 @@ class Engine:
 PALETTE = ["#ff3b30", "#34c759", "#007aff", "#ffcc00", "#af52de", "#ff9500", "#5ac8fa", "#ff2d55"]
 
 
+def box_record(box, polygon) -> dict:
+    """One box as a dict: label, x1, y1, x2, y2, angle (0-100 grid) and the polygon in original pixels."""
+    return {"label": box.label, "x1": box.x1, "y1": box.y1, "x2": box.x2, "y2": box.y2, "angle": box.angle,
+            "polygon": [[round(x, 2), round(y, 2)] for x, y in polygon]}
+
+
 def box_records(answer: str, width: int, height: int) -> list:
-    """The answer's boxes as dicts: label, x1, y1, x2, y2, angle (0-100 grid) and the polygon in original pixels."""
-    return [
-        {"label": b.label, "x1": b.x1, "y1": b.y1, "x2": b.x2, "y2": b.y2, "angle": b.angle,
-         "polygon": [[round(x, 2), round(y, 2)] for x, y in box_polygon(b, width, height)]}
-        for b in parse_boxes(answer)
-    ]
+    """The answer's boxes as dicts (box_record) for a width x height image."""
+    return [box_record(b, box_polygon(b, width, height)) for b in parse_boxes(answer)]
+
+
+def scene_records(scene) -> list:
+    """A tiled scene's merged boxes (geo.tiling.SceneAnswer) as dicts (box_record), grid values to 2 decimals."""
+    out = []
+    for found in scene.boxes:
+        b = found.box
+        rounded = Box(*(round(v, 2) for v in (b.x1, b.y1, b.x2, b.y2, b.angle)), b.label)
+        out.append(box_record(rounded, found.polygon))
+    return out
+
+
+MIN_DISPLAY_SHORT_SIDE = 512  # smaller images are upscaled before drawing, so labels and lines are legible
+MAX_DISPLAY_LONG_SIDE = 2048  # larger images (whole scenes) are downscaled for display
+
+
+def display_scale(width: int, height: int) -> float:
+    """The factor draw_boxes resizes a width x height image by: up to a 512-px short side, down to a 2048-px long side."""
+    return min(max(1.0, MIN_DISPLAY_SHORT_SIDE / min(width, height)), MAX_DISPLAY_LONG_SIDE / max(width, height))
+
+
+def label_origin(anchor, text_size, image_size, gap=2):
+    """Top-left corner of a label box of text_size just above anchor (below it when there is no room), inside the image."""
+    (x, y), (text_w, text_h), (width, height) = anchor, text_size, image_size
+    top = y - gap - text_h if y - gap - text_h >= 0 else y + gap
+    return min(max(0, x), max(0, width - text_w)), min(max(0, top), max(0, height - text_h))
 
 
 def draw_boxes(image, boxes: list):
-    """A copy of the original image with each rotated box and its label drawn on it."""
+    """A copy of the image, resized for display (display_scale), with each rotated box and its label drawn on it."""
     canvas = image.convert("RGB")
+    scale = display_scale(*canvas.size)
+    if scale != 1.0:
+        size = (max(1, round(canvas.width * scale)), max(1, round(canvas.height * scale)))
+        canvas = canvas.resize(size, Image.LANCZOS if scale < 1 else Image.BICUBIC)
     draw = ImageDraw.Draw(canvas)
-    thickness = max(1, round(max(canvas.size) / 250))
+    thickness = max(2, round(max(canvas.size) / 400))
+    font = ImageFont.load_default(size=max(12, round(min(canvas.size) / 32)))
+    pad = max(1, thickness // 2)
     colours = {}
     for box in boxes:
         colour = colours.setdefault(box["label"], PALETTE[len(colours) % len(PALETTE)])
-        points = [tuple(p) for p in box["polygon"]]
-        draw.line(points + points[:1], fill=colour, width=thickness)
+        points = [(x * scale, y * scale) for x, y in box["polygon"]]
+        draw.line(points + points[:1], fill=colour, width=thickness, joint="curve")
         if box["label"]:
-            x, y = min(points, key=lambda p: (p[1], p[0]))
-            left, top, right, bottom = draw.textbbox((x, y), box["label"])
-            draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=colour)
-            draw.text((x, y), box["label"], fill="black")
+            left, top, right, bottom = draw.textbbox((0, 0), box["label"], font=font)
+            text_size = (right - left + 2 * pad, bottom - top + 2 * pad)
+            x, y = label_origin(min(points, key=lambda p: (p[1], p[0])), text_size, canvas.size)
+            draw.rectangle((x, y, x + text_size[0] - 1, y + text_size[1] - 1), fill=colour)
+            draw.text((x + pad - left, y + pad - top), box["label"], fill="black", font=font)
     return canvas
 
 
@@ -329,11 +379,56 @@ def check_args(args):
         raise ValueError("--interactive chats about one image: give --image once")
     if args.interactive and args.json:
         raise ValueError("--interactive does not support --json: it streams text")
+    if args.interactive and args.geojson:
+        raise ValueError("--interactive does not support --geojson: export the boxes of a single answer instead")
     for flag, tasks in TASK_OPTIONS.items():
         if getattr(args, flag[2:]) is not None and args.task not in tasks:
             raise ValueError(f"--task {args.task} does not use {flag} (only --task {', '.join(tasks)})")
     if args.out is not None:
         check_out(args.out, args.image)
+    check_tiling(args)
+    if args.geojson is not None:
+        check_geojson(args.geojson, args.image)
+
+
+def check_tiling(args):
+    """Refuse bad --tile / --overlap / --tile-batch values and combinations (ValueError)."""
+    if args.tile is None:
+        for flag, value in (("--overlap", args.overlap), ("--tile-batch", args.tile_batch)):
+            if value is not None:
+                raise ValueError(f"{flag} only applies to tiled scenes: add --tile N")
+        return
+    if args.tile < MIN_TILE:
+        raise ValueError(f"--tile must be at least {MIN_TILE} pixels, got {args.tile}")
+    if args.task not in tiling.TILED_TASKS:
+        raise ValueError(f"--tile merges boxes: it works with --task {' or '.join(tiling.TILED_TASKS)}, not {args.task}")
+    if args.interactive:
+        raise ValueError("--interactive chats about one view: it does not take --tile")
+    overlap = tile_overlap(args)
+    if not 0 <= overlap <= args.tile // 2:
+        raise ValueError(f"--overlap must be in [0, {args.tile // 2}] pixels (at most half of --tile {args.tile}), got {overlap}")
+    if args.tile_batch is not None and args.tile_batch < 1:
+        raise ValueError(f"--tile-batch must be >= 1, got {args.tile_batch}")
+
+
+def tile_overlap(args) -> int:
+    """--overlap, or a quarter of --tile when it is not given."""
+    return args.overlap if args.overlap is not None else args.tile // 4
+
+
+def check_geojson(geojson: Path, images: list):
+    """Refuse a --geojson that is not a .geojson/.json name, cannot be written or already exists (never overwritten)."""
+    if geojson.suffix.lower() not in (".geojson", ".json"):
+        raise ValueError(f"--geojson {geojson}: the name needs the extension .geojson (or .json)")
+    folder = geojson.parent
+    if not folder.is_dir():
+        raise ValueError(f"--geojson {geojson}: directory {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--geojson {geojson}: directory {folder} is not writable")
+    for i in range(len(images)):
+        path = out_path(geojson, i, len(images))
+        if path.exists() or path.is_symlink():
+            raise ValueError(f"--geojson {path} already exists: it is never overwritten (remove it or choose another name)")
 
 
 def check_out(out: Path, images: list):
@@ -430,6 +525,13 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, help="image file with the answer's boxes drawn (index appended for several "
                                             "images); never one of the --image files")
     p.add_argument("--json", action="store_true", help="print one JSON object per answer instead of streaming text")
+    p.add_argument("--tile", type=int, help="whole scenes: answer on overlapping N-pixel tiles, map the boxes to the "
+                                            "scene and merge duplicates (grounding and refer); None: one view of the image")
+    p.add_argument("--overlap", type=int, help="pixels shared by neighbouring tiles, at most N/2; None: a quarter of --tile")
+    p.add_argument("--tile-batch", type=int, help="tiles answered per left-padded batch; None: 8")
+    p.add_argument("--geojson", type=Path, help="new GeoJSON file with every box as a polygon (label, task): map "
+                                                "coordinates when the image has a world file or GeoTIFF tags, else pixels "
+                                                "(index appended for several images); an existing file is never overwritten")
     p.add_argument("--interactive", action="store_true", help="multi-turn chat about one image (Ctrl-D or 'exit' ends it)")
     return p.parse_args(argv)
 
@@ -440,13 +542,25 @@ def out_path(out: Path, index: int, count: int) -> Path:
 
 
 def run(args):
-    """Check the arguments, load, answer every image, print the answers, then draw their boxes."""
+    """Check the arguments, load, answer every image (whole, or tile by tile), print the answers, then draw and export the boxes."""
     check_args(args)
     first_text = user_text(args)
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype or default_dtype(device)]
-    pil_images = [data.load_image(p) for p in args.image]
+    references = [georef.georeference(p) for p in args.image] if args.geojson else None  # a bad world file fails here
+    pil_images = [tiling.load_scene(p) if args.tile else data.load_image(p) for p in args.image]
     engine = load(args.checkpoint, device, dtype, args.lora, args.compile, args.vision_tower)
+    if args.tile:
+        boxes = answer_scenes(engine, args, first_text, pil_images)
+    else:
+        boxes = answer_images(engine, args, first_text, pil_images)
+        if boxes is None:  # --interactive: the chat drew its own boxes
+            return
+    write_outputs(args, pil_images, boxes, references)
+
+
+def answer_images(engine, args, first_text, pil_images) -> list | None:
+    """One view per image, as one batch (streamed when alone): print the answers, return their box records (None: interactive)."""
     size = engine.model.cfg.image_size
     images = torch.stack([data.preprocess_image(im, size) for im in pil_images])
     if args.interactive:
@@ -465,6 +579,34 @@ def run(args):
                               "prefill_ms": round(res.prefill_ms, 2), "decode_tokens_per_s": round(res.decode_tokens_per_s, 2)}))
         elif not stream:
             print(f"[{path}] {res.text}")
+    return boxes
+
+
+def answer_scenes(engine, args, first_text, pil_images) -> list:
+    """Each image as a tiled scene (geo.tiling): print its one merged answer, return its box records."""
+    answer_tiles = tiling.engine_answerer(engine, first_text, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                          args.seed)
+    label = args.prompt if args.task == "refer" else None
+    boxes = []
+    for path, image in zip(args.image, pil_images):
+        scene = tiling.tiled_answer(answer_tiles, image, args.tile, tile_overlap(args), args.task,
+                                    args.tile_batch or DEFAULT_TILE_BATCH, label=label)
+        records = scene_records(scene)
+        boxes.append(records)
+        if args.json:
+            print(json.dumps({"image": str(path), "answer": scene.text, "boxes": records, "tiles": scene.tiles,
+                              "boxes_before_merge": scene.raw_boxes}))
+        else:
+            print(scene.text if len(pil_images) == 1 else f"[{path}] {scene.text}")
+    return boxes
+
+
+def write_outputs(args, pil_images, boxes, references):
+    """--out: the boxes drawn on each image; --geojson: each image's boxes as GeoJSON polygons."""
+    if args.geojson:
+        for i, (path, image_boxes, reference) in enumerate(zip(args.image, boxes, references)):
+            collection = georef.feature_collection(image_boxes, args.task, reference, image=str(path))
+            georef.write_geojson(out_path(args.geojson, i, len(args.image)), collection)
     if args.out:
         unwritten = []
         for i, (im, image_boxes) in enumerate(zip(pil_images, boxes)):

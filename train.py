@@ -9,6 +9,15 @@ global batch 144, AdamW lr 2e-4, cosine with 3% linear warmup (transformers'
 get_cosine_schedule_with_warmup, step by step), weight decay 0, bf16 (on cuda and on CPUs with native
 bf16), text truncated at 2048 ids (the <image> placeholder counted as one; its features come on top), 1 epoch.
 
+Mixed precision, one policy for one process and for N: bf16 compute (every matmul and attention, q, k and v
+all bf16, the residual stream and the RoPE tables bf16, norms and the loss in fp32), fp32 master weights for
+what trains, fp32 gradients and fp32 gradient reductions. One process: bf16 autocast over the fp32 masters
+and the decoder input cast to bf16; N processes: FSDP2 casts the parameters to bf16 when it gathers them
+(MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)) under the same autocast. With gradient
+accumulation, FSDP2 reduce-scatters LoRA / projector gradients once, after the last micro-batch
+(set_requires_gradient_sync); --mode full reduces after every micro-batch, so that no rank holds the
+whole model's unsharded fp32 gradients.
+
 Model setup (torchtitan order): build (from_pretrained, or on meta + init for --config) -> LoRA and
 trainable flags per --mode -> fp32 master copies of the trainable params -> per-block torch.compile
 (`Module.compile`, names stay clean) -> FSDP2 `fully_shard` per decoder block, then the root, when
@@ -27,9 +36,10 @@ forward), so 1 process and N processes compute the same loss and gradients.
 Output directory (--out):
   ckpt/                 the latest complete checkpoint: the trainable weights (adapter.safetensors +
                         adapter_config.json for lora/projector; config.json + model.safetensors +
-                        tokenizer.model for full) and train_state.pt (step, epoch, data position,
-                        the full optimizer state gathered on rank 0, the lr schedule, the RNG state of
-                        every rank). Written and fsynced as ckpt.tmp/, then swapped in by renames
+                        tokenizer.model for full), optimizer/ (the optimizer state, sharded: every rank
+                        writes its own shards with torch.distributed.checkpoint, as torchtitan; nothing
+                        is gathered) and train_state.pt (step, epoch, data position, the lr schedule,
+                        the RNG state of every rank). Written and fsynced as ckpt.tmp/, then swapped in by renames
                         (ckpt -> ckpt.old, ckpt.tmp -> ckpt, ckpt.old removed; ckpt.old is only ever
                         removed while a complete ckpt/ exists), so a run killed at any point of a save
                         keeps a complete checkpoint (--resume falls back to ckpt.old if the kill hit
@@ -42,8 +52,9 @@ Output directory (--out):
                         checkpoint beside it. args.json, the command line's settings.
 
 --resume (an error when --out holds no checkpoint) reloads ckpt/: base weights from --checkpoint (or
---config init), the trainable weights, the optimizer state (stored unsharded, so any world size can
-resume it; rank 0 reads it and FSDP broadcasts it), the step and data position (the sampler restarts
+--config init), the trainable weights, the optimizer state (torch.distributed.checkpoint reshards it, so
+any world size can resume any other's; a train_state.pt of older runs that holds the whole optimizer state
+is read by rank 0 and broadcast), the step and data position (the sampler restarts
 at that position of the same permutation) and each rank's RNG state (same world size; else every rank
 is reseeded from seed, rank and step). The lr is a pure function of the step. Settings that change the
 run's data order or shapes (mode, trained modules, global batch, seed, dataset size, total steps, LoRA
@@ -59,9 +70,12 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
+import warnings
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -78,6 +92,7 @@ from geochat import DTYPES, GEOCHAT_CONFIGS, IGNORE_INDEX, IMAGE_TOKEN_ID, NATIV
 MODES = ("lora", "projector", "full")
 CKPT, CKPT_TMP, CKPT_OLD = "ckpt", "ckpt.tmp", "ckpt.old"
 TRAIN_STATE = "train_state.pt"
+OPTIMIZER_DIR = "optimizer"  # in a checkpoint: the torch.distributed.checkpoint directory of the optimizer state
 METRICS = "metrics.jsonl"
 # The reasons data.InstructDataset counts in its `skipped` Counter.
 # Fault injection for tests only: GEOCHAT_TEST_KILL_AT="<save step>:<train step>" makes the save of that
@@ -117,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-projector", action="store_true",
                    help="--mode lora: also train the projector fully and save it in the adapter (the reference keeps "
                         "it frozen)")
+    p.add_argument("--train-vision", action="store_true",
+                   help="--mode full from --checkpoint: also train the vision tower (always trained with --config, "
+                        "where it starts from scratch)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--max-steps", type=int, help="optimizer steps to run (overrides --epochs)")
     length.add_argument("--epochs", type=int, default=1, help="passes over the dataset")
@@ -180,6 +198,8 @@ def check_args(args):
         raise UsageError(f"--save-every must be >= 0, got {args.save_every}")
     if args.train_projector and args.mode != "lora":
         raise UsageError(f"--train-projector goes with --mode lora (--mode {args.mode} trains the projector anyway)")
+    if args.train_vision and args.mode != "full":
+        raise UsageError(f"--train-vision goes with --mode full, not --mode {args.mode}")
     if args.config is not None and args.tokenizer is None:
         raise UsageError("--config (training from scratch) needs --tokenizer PATH (a SentencePiece tokenizer.model)")
     if args.checkpoint is not None and not Path(args.checkpoint).is_dir():
@@ -244,14 +264,16 @@ def barrier(world: int):
 class CausalLMLoss(nn.Module):
     """GeoChat plus its training loss (the FSDP root): forward -> sum of the token cross entropies."""
 
-    def __init__(self, model: GeoChat, grad_ckpt: bool = False):
+    def __init__(self, model: GeoChat, grad_ckpt: bool = False, compute_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.model = model
         self.grad_ckpt = grad_ckpt
+        self.compute_dtype = compute_dtype  # the decoder's input: the residual stream and RoPE in this dtype
 
     def forward(self, input_ids, labels, images=None):
         """Sum of CE(logits[t], labels[t+1]) over labelled positions of a right-padded batch."""
         embeds, _, labels = self.model.embed_inputs(input_ids, images, None, labels)  # (B, L, D), (B, L)
+        embeds = embeds.to(self.compute_dtype)  # fp32 token embeddings (full mode's masters) would promote q, k
         llm = self.model.llm
         # Right padding: pads come after every real token, so plain causal attention (no mask, the
         # flash path) is exact at every labelled position; lm_head runs only where a label is.
@@ -275,9 +297,24 @@ def load_config(name_or_path: str) -> GeoChatConfig:
         raise UsageError(f"{path}: not a GeoChat config.json ({type(e).__name__}: {e})") from None
 
 
+def sincos_position_rows(grid: int, width: int) -> torch.Tensor:
+    """(grid*grid, width) fixed 2-D sine-cosine position rows (MAE's): half the channels code the row, half the column."""
+    quarter = width // 4
+    freqs = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (quarter,)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+    angles = [pos.reshape(-1, 1) * freqs for pos in (rows, cols)]  # 2 x (grid*grid, quarter)
+    table = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)  # (grid*grid, 4*quarter)
+    return torch.nn.functional.pad(table, (0, width - 4 * quarter)).float()
+
+
 @torch.no_grad()
 def init_weights(model: nn.Module, seed: int):
-    """Deterministic init from seed (same on every rank and device): N(0, 0.02) matrices, 0 biases, 1 norms."""
+    """Deterministic init from seed (same on every rank and device): N(0, 0.02) matrices, 0 biases, 1 norms.
+
+    A GeoChat's vision position embeddings start as 2-D sine-cosine rows (the class row at 0), so
+    that a tower trained from scratch knows where each patch is from the first step.
+    """
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if p.ndim >= 2 or name.endswith("class_embed"):
@@ -287,6 +324,10 @@ def init_weights(model: nn.Module, seed: int):
         else:  # LayerNorm / RMSNorm weights
             value = torch.ones(p.shape)
         p.copy_(value)
+    if isinstance(model, GeoChat):
+        tower = model.vision
+        tower.pos_embed[0].zero_()
+        tower.pos_embed[1:].copy_(sincos_position_rows(tower.grid, tower.pos_embed.shape[1]))
 
 
 def build_model(args, dtype, device) -> GeoChat:
@@ -307,7 +348,8 @@ def train_modules(args) -> list[str]:
         return ["projector"] if args.train_projector else []
     if args.mode == "projector":
         return ["projector"]
-    return ["projector", "llm"] + (["vision"] if args.config is not None else [])  # a scratch vision tower learns too
+    vision = args.config is not None or args.train_vision  # a scratch vision tower learns too
+    return ["projector", "llm"] + (["vision"] if vision else [])
 
 
 def setup_trainable(model: GeoChat, args, dtype):
@@ -371,6 +413,14 @@ def optimizer_step(trainable, optimizer) -> float:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+def train_flops_per_token(model: GeoChat) -> float:
+    """Matmul FLOPs per decoder token of a training step, for MFU: each decoder weight 2 forward + 2 for the input
+    gradient, + 2 for its own gradient only when it trains (LoRA: ~4N, full: 6N); no embeddings, attention scores
+    or vision tower, lm_head counted at every token."""
+    weights = [p for name, p in model.llm.named_parameters() if p.ndim == 2 and "embed_tokens" not in name]
+    return 4 * sum(p.numel() for p in weights) + 2 * sum(p.numel() for p in weights if p.requires_grad)
 
 
 def peak_flops(device) -> float | None:
@@ -502,16 +552,48 @@ def save_weights(model: GeoChat, directory: Path, args, tokenizer_path, rank, wo
         shutil.copyfile(tokenizer_path, directory / "tokenizer.model")
 
 
-def optimizer_state(loss_model, optimizer, world) -> dict:
-    """The full (unsharded, FQN-keyed) optimizer state on rank 0 (collective under FSDP)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+@contextlib.contextmanager
+def sigint_held_back():
+    """Deliver a Ctrl-C (SIGINT) that arrives inside the block only when it ends: torch.distributed.checkpoint
+    would catch the KeyboardInterrupt and raise its own CheckpointException instead (a traceback, not exit 130)."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        signal.raise_signal(signal.SIGINT)  # now, to the previous handler (KeyboardInterrupt by default)
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_optimizer_state_dict(loss_model, optimizer, options=options)
+
+def save_optimizer(loss_model, optimizer, directory: Path):
+    """Write the optimizer state with torch.distributed.checkpoint, FQN-keyed; each rank its own shards (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    with sigint_held_back(), warnings.catch_warnings():  # one process: DCP warns of no process group, as intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"optimizer": get_optimizer_state_dict(loss_model, optimizer)}, checkpoint_id=directory,
+                 no_dist=not dist.is_initialized())
+
+
+def load_optimizer(loss_model, optimizer, directory: Path):
+    """Read save_optimizer's directory into this run's sharding (any world size; collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"optimizer": get_optimizer_state_dict(loss_model, optimizer)}  # this run's shapes and shards, filled in
+    with sigint_held_back(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=directory, no_dist=not dist.is_initialized())
+    set_optimizer_state_dict(loss_model, optimizer, state["optimizer"])
 
 
 def load_optimizer_state(loss_model, optimizer, state: dict, world):
-    """Load a full optimizer state (rank 0's copy broadcast under FSDP)."""
+    """Load a full optimizer state from an older checkpoint's train_state.pt (rank 0's copy broadcast under FSDP)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world > 1)
@@ -550,9 +632,12 @@ def fsync_path(path: Path):
 
 
 def fsync_tree(directory: Path):
-    """fsync every file of a flat directory, then the directory itself."""
+    """fsync every file and directory under directory (the optimizer/ shards included), then the directory itself."""
     for f in directory.iterdir():
-        fsync_path(f)
+        if f.is_dir():
+            fsync_tree(f)
+        else:
+            fsync_path(f)
     fsync_path(directory)
 
 
@@ -597,7 +682,7 @@ def save_checkpoint(out: Path, model, loss_model, optimizer, args, tokenizer_pat
         fault_point("tmp-cleared", step)
     barrier(world)
     save_weights(model, tmp, args, tokenizer_path, rank, world)
-    optim = optimizer_state(loss_model, optimizer, world)
+    save_optimizer(loss_model, optimizer, tmp / OPTIMIZER_DIR)  # every rank writes its own shards
     rngs = [None] * world
     if world > 1:
         dist.all_gather_object(rngs, rng_state(device))
@@ -606,7 +691,7 @@ def save_checkpoint(out: Path, model, loss_model, optimizer, args, tokenizer_pat
     if rank == 0:
         tmp.mkdir(parents=True, exist_ok=True)
         fault_point("weights-written", step)
-        write_train_state(tmp / TRAIN_STATE, {**train_state, "optimizer": optim, "rng": rngs, "world_size": world})
+        write_train_state(tmp / TRAIN_STATE, {**train_state, "rng": rngs, "world_size": world})
         fsync_tree(tmp)
         fault_point("state-written", step)
         rotate = current.exists()  # ckpt.old may go only while a complete ckpt/ stands (not after a resume from it)
@@ -739,17 +824,20 @@ def train(args, rank, world, device, out, ckpt, tokenizer, tokenizer_path, model
         load_trainable(model, ckpt, args)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_params = sum(p.numel() for p in model.parameters())
-    n_llm_params = sum(p.numel() for p in model.llm.parameters())
+    flops_per_token = train_flops_per_token(model)
     if args.compile:
         for layer in model.llm.layers:
             layer.compile()
-    loss_model = CausalLMLoss(model, grad_ckpt=args.grad_ckpt)
+    loss_model = CausalLMLoss(model, grad_ckpt=args.grad_ckpt, compute_dtype=dtype)
     if world > 1:
         apply_fsdp(loss_model, world, device, dtype)
     trainable = [p for p in loss_model.parameters() if p.requires_grad]  # after fully_shard: the DTensor params
     optimizer = adamw(trainable, args, device)
     if ckpt is not None:
-        load_optimizer_state(loss_model, optimizer, state.pop("optimizer", {}), world)
+        if (ckpt / OPTIMIZER_DIR).is_dir():
+            load_optimizer(loss_model, optimizer, ckpt / OPTIMIZER_DIR)
+        else:  # a checkpoint of an older run: the whole optimizer state in train_state.pt, on rank 0
+            load_optimizer_state(loss_model, optimizer, state.pop("optimizer", {}), world)
         if state.get("world_size") == world:
             set_rng_state(state["rng"][rank], device)
         else:
@@ -764,7 +852,9 @@ def train(args, rank, world, device, out, ckpt, tokenizer, tokenizer_path, model
               f"{len(dataset)} samples, {steps_per_epoch} steps/epoch, {total_steps} steps (warmup {warmup}), "
               f"global batch {args.global_batch} = {args.batch_size} x {world} ranks x {accum} accumulation; "
               f"{args.dtype} on {device}" + (f", from step {start_step}" if start_step else ""), flush=True)
-    autocast = torch.autocast(device.type, dtype=dtype) if world == 1 and dtype != torch.float32 else contextlib.nullcontext()
+    # the same policy on 1 and N processes (see the module docstring): FSDP2 has already cast the params to dtype
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    defer_sync = world > 1 and args.mode != "full"  # full: unsharded fp32 grads of the whole model would not fit
     peak = peak_flops(device) if dtype == torch.bfloat16 else None
     batches = micro_batches(dataset, args, rank, world, state["epoch"], state["step_in_epoch"], steps_per_epoch,
                             tokenizer.pad_id)
@@ -786,9 +876,11 @@ def train(args, rank, world, device, out, ckpt, tokenizer, tokenizer_path, model
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for batch, _, _ in micro:
+            for i, (batch, _, _) in enumerate(micro):
                 if world > 1:
                     batch = with_image(batch, tokenizer.bos_id, tokenizer.pad_id, cfg.image_size)
+                    if defer_sync:  # accumulate unsharded gradients; reduce-scatter once, after the last micro-batch
+                        loss_model.set_requires_gradient_sync(i == len(micro) - 1)
                 elif batch is None:
                     continue
                 # FSDP averages gradients over ranks: scale by world so they sum, i.e. d(global sum / global count)
@@ -806,7 +898,7 @@ def train(args, rank, world, device, out, ckpt, tokenizer, tokenizer_path, model
                        "tokens_per_s": float(stats[1]) / elapsed, "samples_per_s": n_trained / elapsed,
                        "grad_norm": grad_norm, "skipped": skipped_total}
             if peak is not None:
-                metrics["mfu"] = 6 * n_llm_params * metrics["tokens_per_s"] / (peak * world)
+                metrics["mfu"] = flops_per_token * metrics["tokens_per_s"] / (peak * world)
             epoch, step_in_epoch = divmod(step + 1, steps_per_epoch)
             if rank == 0:
                 with open(out / METRICS, "a") as f:

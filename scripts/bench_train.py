@@ -80,12 +80,13 @@ def run_ours(ckpt: Path, args) -> dict:
 
     dtype = getattr(torch, args.dtype)
     model = GeoChat.from_pretrained(ckpt, dtype=dtype).train()
-    ns = argparse.Namespace(mode="lora", lora_r=64, lora_alpha=16, lora_dropout=0.05, config=None, lr=2e-4, weight_decay=0.0)
+    ns = argparse.Namespace(mode="lora", lora_r=64, lora_alpha=16, lora_dropout=0.05, train_projector=True, config=None,
+                            lr=2e-4, weight_decay=0.0)
     train.setup_trainable(model, ns, dtype)
     if args.compile:  # as train.py --compile: each decoder block, names unchanged
         for layer in model.llm.layers:
             layer.compile()
-    loss_model = train.CausalLMLoss(model, grad_ckpt=args.grad_ckpt)
+    loss_model = train.CausalLMLoss(model, grad_ckpt=args.grad_ckpt, compute_dtype=dtype)
     trainable = [p for p in loss_model.parameters() if p.requires_grad]
     optimizer = train.adamw(trainable, ns, torch.device("cpu"))
     ids, labels, images, _ = make_batch(args.config, args.batch, args.text_tokens, args.answer_tokens)

@@ -1,6 +1,9 @@
 """Draw a training loss curve from train.py's metrics.jsonl as a PNG (Pillow only, no matplotlib).
 
     python scripts/plot_loss.py runs/baby/metrics.jsonl docs/baby_loss.png
+    python scripts/plot_loss.py runs/stage1/metrics.jsonl runs/stage2/metrics.jsonl docs/baby_loss.png
+
+Several files are stages of one recipe: drawn one after the other, a dashed line where each begins.
 """
 
 import argparse
@@ -24,7 +27,7 @@ def moving_average(values: list, window: int) -> list:
     return out
 
 
-def plot(steps: list, losses: list, title: str) -> Image.Image:
+def plot(steps: list, losses: list, title: str, stage_starts: tuple = ()) -> Image.Image:
     """A line chart of loss against step, raw in light grey and smoothed in blue, log-scaled y axis."""
     img = Image.new("RGB", (WIDTH, HEIGHT), "white")
     draw = ImageDraw.Draw(img)
@@ -44,24 +47,38 @@ def plot(steps: list, losses: list, title: str) -> Image.Image:
     draw.line([(x_of(s), y_of(v)) for s, v in zip(steps, losses)], fill="#c8c8c8", width=1)
     smooth = moving_average(losses, max(1, len(losses) // 50))
     draw.line([(x_of(s), y_of(v)) for s, v in zip(steps, smooth)], fill="#1f5fbf", width=2)
+    for k, s in enumerate(stage_starts):
+        x = x_of(s)
+        for y in range(MARGIN, HEIGHT - MARGIN, 8):
+            draw.line((x, y, x, y + 4), fill="#d04040")
+        draw.text((x + 4, MARGIN + 4), f"stage {k + 2}", fill="#d04040")
     draw.text((MARGIN, 20), title, fill="black")
     draw.text((WIDTH // 2 - 20, HEIGHT - 25), "step", fill="black")
     return img
 
 
 def main():
-    """Read metrics.jsonl, write the PNG."""
+    """Read the metrics.jsonl files (stages in order), write the PNG."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("metrics", type=Path)
-    p.add_argument("out", type=Path)
+    p.add_argument("metrics", type=Path, nargs="+", help="train.py's metrics.jsonl, one per stage, in order")
+    p.add_argument("out", type=Path, help="PNG to write")
     p.add_argument("--title", default="training loss (per step, log scale; blue: moving average)")
     args = p.parse_args()
-    rows = [json.loads(line) for line in args.metrics.read_text().splitlines() if line.strip()]
-    if len(rows) < 2:
-        raise SystemExit(f"error: {args.metrics} holds fewer than two steps")
+    steps, losses, starts = [], [], []
+    for path in args.metrics:
+        if not path.is_file():
+            raise SystemExit(f"error: {path}: no such file")
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if len(rows) < 2:
+            raise SystemExit(f"error: {path} holds fewer than two steps")
+        offset = steps[-1] if steps else 0
+        if steps:
+            starts.append(offset + rows[0]["step"])
+        steps += [offset + r["step"] for r in rows]
+        losses += [r["loss"] for r in rows]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    plot([r["step"] for r in rows], [r["loss"] for r in rows], args.title).save(args.out)
-    print(f"wrote {args.out} ({len(rows)} steps, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f})")
+    plot(steps, losses, args.title, tuple(starts)).save(args.out)
+    print(f"wrote {args.out} ({len(steps)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f})")
 
 
 if __name__ == "__main__":

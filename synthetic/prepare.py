@@ -23,7 +23,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import TEMPLATES  # noqa: E402
 from eval import BENCHES  # noqa: E402
-from synthetic.scenes import bench_questions, instruct_records, make_scene  # noqa: E402
+from synthetic.scenes import PRETEXT_TASKS, TASKS, bench_questions, instruct_records, make_scene  # noqa: E402
 
 MIN_VOCAB_SIZE = 300  # 256 byte pieces + the special pieces + a few merges
 
@@ -84,7 +84,7 @@ def _corpus_lines(records, bench):
 
 
 def write_dataset(out_dir, n_train_images, n_test_images, seed=0, size=128, records_per_image=7,
-                  multi_turn_prob=0.25, workers=1, progress=False):
+                  multi_turn_prob=0.25, workers=1, progress=False, tasks=TASKS):
     """Write images, train.json/test.json, one bench file per bench, annotations and corpus.txt; return their paths."""
     out = Path(out_dir)
     img_dir = out / "images"
@@ -93,7 +93,7 @@ def write_dataset(out_dir, n_train_images, n_test_images, seed=0, size=128, reco
     test_anns = _render_split(img_dir, "test", 1, n_test_images, seed, size, workers, progress)
 
     def records(anns):
-        return [r for a in anns for r in instruct_records(a, a["image"], records_per_image, seed, multi_turn_prob)]
+        return [r for a in anns for r in instruct_records(a, a["image"], records_per_image, seed, multi_turn_prob, tasks)]
 
     train_recs, test_recs = records(train_anns), records(test_anns)
     bench = {name: [] for name in BENCHES}
@@ -156,10 +156,15 @@ def scenes_main(args):
         raise UsageError("--n-train and --n-test are both 0: nothing to write")
     if not 0 <= args.multi_turn_prob <= 1:
         raise UsageError(f"--multi-turn-prob must be in [0, 1], got {args.multi_turn_prob}")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS + PRETEXT_TASKS]
+    if unknown or not tasks:
+        raise UsageError(f"--tasks {args.tasks!r}: expected a comma-separated subset of "
+                         f"{','.join(TASKS + PRETEXT_TASKS)}")
     out = _writable_dir(Path(args.out), "--out")
     start = time.time()
     paths = write_dataset(out, args.n_train, args.n_test, args.seed, args.size, args.records_per_image,
-                          args.multi_turn_prob, args.workers, progress=True)
+                          args.multi_turn_prob, args.workers, progress=True, tasks=tasks)
     print(f"wrote {args.n_train} train + {args.n_test} test images in {time.time() - start:.1f}s")
     for name, path in paths.items():
         print(f"  {name:<18} {path}")
@@ -199,6 +204,9 @@ def build_parser():
     s.add_argument("--seed", type=int, default=0, help="dataset seed: the same seed writes the same files")
     s.add_argument("--size", type=int, default=128, help="image side in pixels")
     s.add_argument("--records-per-image", type=int, default=7, help="training records per scene (7 covers every task)")
+    s.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks of the training records, "
+                   f"from {','.join(TASKS + PRETEXT_TASKS)} (grid: a first-stage pretext task, one digit per "
+                   "patch); bench files always cover every bench")
     s.add_argument("--multi-turn-prob", type=float, default=0.25, help="share of records with 2-3 turns")
     s.add_argument("--workers", type=int, default=1, help="rendering processes")
     s.set_defaults(func=scenes_main)

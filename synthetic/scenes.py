@@ -22,13 +22,14 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from boxes import Box, box_polygon_grid, format_box, polygon_iou  # noqa: E402
+from boxes import Box, box_polygon_grid, format_box, polygon_area, polygon_intersection, polygon_iou  # noqa: E402
 from data import task_prompt  # noqa: E402
 from eval import BENCHES  # noqa: E402
 
 SCENE_CLASSES = ("farmland", "water", "desert", "urban")
 OBJECT_CLASSES = ("plane", "ship", "storage tank", "vehicle", "building")
 TASKS = ("grounding", "refer", "identify", "presence", "count", "comparison", "scene")
+PRETEXT_TASKS = ("grid",)  # first-stage only: not a GeoChat task, never in the bench files
 
 PLURALS = {"plane": "planes", "ship": "ships", "storage tank": "storage tanks",
                  "vehicle": "vehicles", "building": "buildings"}
@@ -68,6 +69,14 @@ GAP_GRID = 2.0        # and this far from each other (grid units)
 SIZE_SMALL_MAX = 150   # area < 150 -> "small" (vehicles, small tanks)
 SIZE_MEDIUM_MAX = 400  # 150 <= area < 400 -> "medium"; otherwise "large"
 
+# The grid pretext task: which object class covers each cell of a GRID_CELLS x GRID_CELLS grid (the baby's
+# patch grid), row by row, one digit a cell. Every answer token is read off one patch, so a first stage
+# on it teaches the tower what each patch holds and the decoder to read image tokens, before presence
+# and boxes ask it to search the patches for a class.
+GRID_CELLS = 8
+GRID_MIN_COVER = 0.2  # a cell takes an object's class when the object's box covers this share of it
+GRID_PROMPT = ("[grid] For each cell of an 8x8 grid over the image, row by row, which object covers it? "
+               "0 ground, 1 plane, 2 ship, 3 storage tank, 4 vehicle, 5 building.")
 SCENE_PROMPT = task_prompt("scene", classes=SCENE_CLASSES)
 GROUNDING_PROMPT = task_prompt("grounding")
 
@@ -398,16 +407,34 @@ def _comparison(ann, rng):
     return q, ("Yes" if counts[a] > counts[b] else "No")
 
 
+def grid_answer(ann, cells=GRID_CELLS):
+    """The grid task's answer: cells*cells digits, row by row: 1 + OBJECT_CLASSES index of the object whose box
+    covers most of the cell (at least GRID_MIN_COVER of it), else 0."""
+    step = 100.0 / cells
+    best = [[(0.0, 0)] * cells for _ in range(cells)]  # (covered area, digit) per cell
+    for o in ann["objects"]:
+        poly = box_polygon_grid(Box(*o["grid"]))
+        xs, ys = [p[0] for p in poly], [p[1] for p in poly]
+        for row in range(max(0, int(min(ys) // step)), min(cells, int(max(ys) // step) + 1)):
+            for col in range(max(0, int(min(xs) // step)), min(cells, int(max(xs) // step) + 1)):
+                x0, y0 = col * step, row * step
+                cell = [(x0, y0), (x0 + step, y0), (x0 + step, y0 + step), (x0, y0 + step)]
+                area = polygon_area(polygon_intersection(poly, cell))
+                if area >= GRID_MIN_COVER * step * step and area > best[row][col][0]:
+                    best[row][col] = (area, OBJECT_CLASSES.index(o["class"]) + 1)
+    return "".join(str(digit) for row in best for _, digit in row)
+
+
 # in a scene without objects, a task that needs one is replaced by another (never by presence,
 # so that every scene gets the same share of presence questions and yes/no stays balanced)
 EMPTY_SCENE_SUBSTITUTE = {"refer": "grounding", "identify": "scene", "comparison": "count"}
 
 
-def task_cycle(ann):
-    """One cycle of tasks for a scene: TASKS, object tasks substituted in empty scenes."""
+def task_cycle(ann, tasks=TASKS):
+    """One cycle of tasks for a scene: `tasks`, object tasks substituted in empty scenes."""
     if ann["objects"]:
-        return list(TASKS)
-    return [EMPTY_SCENE_SUBSTITUTE.get(t, t) for t in TASKS]
+        return list(tasks)
+    return [EMPTY_SCENE_SUBSTITUTE.get(t, t) for t in tasks]
 
 
 def question_answer(ann, task, rng):
@@ -427,13 +454,15 @@ def question_answer(ann, task, rng):
         return task_prompt("vqa", question=q), a
     if task == "scene":
         return SCENE_PROMPT, ann["scene"]
+    if task == "grid":
+        return GRID_PROMPT, grid_answer(ann)
     raise ValueError(f"unknown task {task!r}")
 
 
-def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0.25):
-    """GeoChat_Instruct records for one image; tasks cycle so n_records >= 7 covers every task."""
+def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0.25, tasks=TASKS):
+    """GeoChat_Instruct records for one image; `tasks` cycle, so n_records >= len(tasks) covers each one."""
     rng = random.Random("conv-%d-%d" % (int(ann["seed"]), int(rng_seed)))
-    tasks = task_cycle(ann)
+    tasks = task_cycle(ann, tasks)
     cycle = []
     stem = Path(image_name).stem
     records = []

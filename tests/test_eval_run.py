@@ -1,6 +1,7 @@
 """`eval.py run` end to end on a tiny random checkpoint: batched, resumable, missing images reported."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -143,3 +144,21 @@ def test_run_generates_up_to_256_tokens_like_the_reference_scripts():
     args = geochat_eval.build_parser().parse_args(["run", "--bench", "referring", "--questions", "q", "--image-folder", "f",
                                                    "--checkpoint", "c", "--answers", "a"])
     assert args.max_new_tokens == 256  # every bench: six or more boxes are not cut short
+
+
+def test_compiled_run_reuses_one_graph_across_batches(tiny_checkpoint, tmp_path):
+    """--compile: two batches of 2 run on one graph and one KV cache (no recompilation), with the eager answers."""
+    qfile, folder = write_bench(tmp_path)
+    questions = [json.loads(line) for line in qfile.read_text().splitlines()][:3]
+    questions.append(dict(questions[0], question_id="forest/again.png"))
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    eager, compiled = tmp_path / "eager.jsonl", tmp_path / "compiled.jsonl"
+    assert run(tiny_checkpoint, qfile, folder, eager, "--batch-size", "2").returncode == 0
+    proc = subprocess.run([sys.executable, str(ROOT / "eval.py"), "run", "--bench", "scene", "--questions", str(qfile),
+                           "--image-folder", str(folder), "--checkpoint", str(tiny_checkpoint), "--answers",
+                           str(compiled), "--device", "cpu", "--max-new-tokens", "4", "--batch-size", "2", "--compile"],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "TORCH_LOGS": "recompiles"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Recompiling" not in proc.stderr, proc.stderr[-3000:]
+    answers = [[json.loads(x)["answer"] for x in f.read_text().splitlines()] for f in (eager, compiled)]
+    assert answers[0] == answers[1] and len(answers[0]) == 4

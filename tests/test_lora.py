@@ -286,6 +286,22 @@ def test_bf16_base_with_fp32_lora():
     assert (merged.float() - expected).abs().max() < 0.05
 
 
+def test_autocast_keeps_the_lora_branch_in_the_activation_dtype():
+    """bf16 autocast over fp32 LoRA masters: no fp32 copy of the activations is saved for backward (mask included)."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(64, 64, bias=False).to(torch.bfloat16), r=4, alpha=8, dropout=0.1)
+    x = torch.randn(8, 64, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    big_fp32 = [tuple(t.shape) for t in saved if t.dtype == torch.float32 and t.numel() >= x.numel()]
+    assert big_fp32 == [], big_fp32
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+
+
 def test_compile_fullgraph_no_graph_breaks():
     layer = LoRALinear(nn.Linear(8, 8, bias=False).to(torch.bfloat16), r=4, alpha=8, dropout=0.1)
     compiled = torch.compile(layer, backend="eager", fullgraph=True)  # raises on any graph break

@@ -170,15 +170,40 @@ def test_decode_step_has_no_graph_break(engine):
 
 
 def test_compiled_engine_gives_the_eager_tokens(engine):
-    """--compile (static shapes, a C++ wrapper on CPU, a cache rounded up to 256 slots) changes no token, batched or not."""
+    """--compile (static shapes, a C++ wrapper on CPU, a cache rounded up to 256 slots, batches padded to a power of
+    two) changes no token; calls of batch 3, 1 and 4 build one graph per bucket (4 and 1) on one reused cache."""
     compiled = sample.Engine(engine.model, engine.tokenizer, compile=True)
-    prompts = [prompt_for(engine, "[grounding] Describe the image in detail."), prompt_for(engine, "How many ships?")]
-    images = images_for(engine, 2, seed=11)
-    eager = engine.generate(prompts, images, max_new_tokens=20)
-    fast = compiled.generate(prompts, images, max_new_tokens=20)  # one graph: both calls need a 256-slot cache
-    assert [g.token_ids for g in fast] == [g.token_ids for g in eager]
-    assert compiled.generate(prompts[1:], images[1:], max_new_tokens=20)[0].token_ids == eager[1].token_ids
+    prompts = [prompt_for(engine, "[grounding] Describe the image in detail."), prompt_for(engine, "How many ships?"),
+               prompt_for(engine, "Is there a plane?")]
+    images = images_for(engine, 3, seed=11)
+    eager = [g.token_ids for g in engine.generate(prompts, images, max_new_tokens=20)]
+    llm = engine.model.llm
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    fast = compiled.generate(prompts, images, max_new_tokens=20)  # 3 rows run as 4: the cache is sized for 4
+    assert [g.token_ids for g in fast] == eager
+    buffers = [t.data_ptr() for t in (llm.layers[0].attn.kv_cache.k, llm.rope_cos)]
+    assert llm.layers[0].attn.kv_cache.k.shape[:3:2] == (4, 256)
+    assert compiled.generate(prompts[1:2], images[1:2], max_new_tokens=20)[0].token_ids == eager[1]
+    four = compiled.generate(prompts + prompts[:1], torch.cat([images, images[:1]]), max_new_tokens=20)
+    assert [g.token_ids for g in four] == eager + eager[:1]
+    assert [t.data_ptr() for t in (llm.layers[0].attn.kv_cache.k, llm.rope_cos)] == buffers  # allocated once
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # batch buckets 4 and 1, one capacity
     assert compiled.new_session(1, 300, 20).capacity == min(512, engine.context)  # sizes double from 256
+
+
+def test_cache_is_reused_when_big_enough():
+    """setup_cache keeps a cache with enough rows and slots (same buffers) and grows to the largest asked so far."""
+    from llama import Llama, LlamaConfig
+
+    llm = Llama(LlamaConfig(vocab_size=32, dim=16, n_layers=1, n_heads=2, intermediate_size=32, max_seq_len=256))
+    assert llm.setup_cache(2, 64) is True
+    first = llm.layers[0].attn.kv_cache.k
+    assert llm.setup_cache(1, 32) is False and llm.layers[0].attn.kv_cache.k is first
+    assert llm.setup_cache(1, 128) is True
+    assert tuple(llm.layers[0].attn.kv_cache.k.shape[:3:2]) == (2, 128)  # rows kept from the larger earlier cache
+    assert llm.rope_cos.dtype == first.dtype and "rope_cos" in dict(llm.named_buffers())
+    assert "rope_cos" not in llm.state_dict()
 
 
 def test_interactive_keeps_cache_across_turns(engine):
@@ -225,10 +250,13 @@ def test_drawn_box_lands_where_the_coordinates_say():
     boxes = sample.box_records("<p>ship</p> {<10><30><50><60>|<0>}", 200, 100)
     assert boxes[0]["polygon"] == [[20.0, 10.0], [100.0, 10.0], [100.0, 70.0], [20.0, 70.0]]
     drawn = sample.draw_boxes(image, boxes)
-    red = lambda p: drawn.getpixel(p)[0] > 200 and drawn.getpixel(p)[1] < 120  # noqa: E731
-    assert red((60, 70)) and red((100, 40)) and red((20, 40))  # bottom, right and left edges
-    assert drawn.getpixel((60, 40)) == (255, 255, 255)  # inside stays untouched
-    assert drawn.getpixel((150, 90)) == (255, 255, 255)
+    scale = drawn.height / 100  # small images are upscaled for display (short side 512)
+    assert drawn.size == (1024, 512)
+    pixel = lambda x, y: drawn.getpixel((round(x * scale), round(y * scale)))  # noqa: E731  (original coordinates)
+    red = lambda x, y: pixel(x, y)[0] > 200 and pixel(x, y)[1] < 120  # noqa: E731
+    assert red(60, 70) and red(100, 40) and red(20, 40)  # bottom, right and left edges
+    assert pixel(60, 40) == (255, 255, 255)  # inside stays untouched
+    assert pixel(150, 90) == (255, 255, 255)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from synthetic.prepare import main as prepare_main, write_dataset  # noqa: E402
 from synthetic.scenes import (  # noqa: E402
-    OBJECT_CLASSES, PLURALS, SCENE_CLASSES, TASKS, instruct_records, make_scene, question_answer,
+    GRID_CELLS, OBJECT_CLASSES, PLURALS, SCENE_CLASSES, TASKS, grid_answer, instruct_records, make_scene,
+    question_answer,
 )
 
 BOX_RE = re.compile(r"\{<(\d+)><(\d+)><(\d+)><(\d+)>\|<(\d+)>\}")
@@ -315,6 +316,7 @@ def test_prepare_cli_refuses_bad_input(tmp_path):
         (["scenes", "--out", str(a_file)], f"--out {a_file}: exists and is not a directory"),
         (["scenes", "--out", str(tmp_path / "d"), "--n-train", "-1"], "--n-train must be >= 0, got -1"),
         (["scenes", "--out", str(tmp_path / "d"), "--n-train", "0", "--n-test", "0"], "nothing to write"),
+        (["scenes", "--out", str(tmp_path / "d"), "--tasks", "grounding,dance"], "--tasks 'grounding,dance'"),
         (["tokenizer", "--corpus", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "t.model")], "no such file"),
         (["tokenizer", "--corpus", str(corpus), "--out", str(tmp_path / "t.model"), "--vocab-size", "10"],
          "--vocab-size must be >= 300"),
@@ -338,3 +340,32 @@ def test_tokenizer_says_when_the_corpus_gives_fewer_pieces(tmp_path, capsys):
     pieces = sentencepiece.SentencePieceProcessor(model_file=str(out)).get_piece_size()
     assert pieces < 2000
     assert f"the corpus only supports {pieces} pieces, fewer than --vocab-size 2000" in capsys.readouterr().err
+
+
+def test_grid_pretext_answer_marks_the_cells_an_object_covers():
+    def scene(*objects):
+        return {"seed": 0, "size": 128, "scene": "desert",
+                "objects": [{"class": c, "grid": list(g)} for c, g in objects]}
+
+    assert grid_answer(scene()) == "0" * GRID_CELLS ** 2
+    # a vehicle filling cell (row 2, col 3) and a plane over the 2x2 cells at rows 5-6, cols 5-6
+    answer = grid_answer(scene(("vehicle", (38, 26, 49, 36, 0)), ("plane", (63, 63, 87, 87, 0))))
+    cells = {(k // GRID_CELLS, k % GRID_CELLS): d for k, d in enumerate(answer) if d != "0"}
+    vehicle, plane = str(OBJECT_CLASSES.index("vehicle") + 1), str(OBJECT_CLASSES.index("plane") + 1)
+    assert cells == {(2, 3): vehicle, (5, 5): plane, (5, 6): plane, (6, 5): plane, (6, 6): plane}
+    # a sliver under the cover threshold is ground; turning the box moves what it covers
+    assert grid_answer(scene(("vehicle", (24, 24, 26, 36, 0)))) == "0" * GRID_CELLS ** 2
+    assert grid_answer(scene(("ship", (30, 45, 70, 55, 0)))) != grid_answer(scene(("ship", (30, 45, 70, 55, 80))))
+
+
+def test_tasks_option_restricts_the_training_records_and_weights_them(tmp_path):
+    paths = write_dataset(tmp_path, 6, 2, seed=1, size=32, records_per_image=4, multi_turn_prob=0.0,
+                          tasks=("grid", "grid", "presence", "scene"))  # one record per task of the cycle
+    records = json.loads(paths["train"].read_text())
+    firsts = [r["conversations"][0]["value"] for r in records]
+    n_grid = sum(f.startswith("<image>\n[grid]") for f in firsts)
+    assert n_grid == 2 * 6 and all(f.startswith(("<image>\n[grid]", "<image>\nIs there a", "<image>\nClassify"))
+                                   for f in firsts)
+    assert all(len(r["conversations"][1]["value"]) == GRID_CELLS ** 2 for r in records
+               if r["conversations"][0]["value"].startswith("<image>\n[grid]"))
+    assert paths["referring"].read_text()  # the bench files still cover every bench

@@ -156,3 +156,32 @@ def test_ctrl_c_exits_130_and_keeps_a_usable_checkpoint(setup_dir, tmp_path, cap
     assert run_main([*args, "--resume"])["step"] == 12
     assert f"from step {step}" in capsys.readouterr().out
     assert [m["step"] for m in metrics(out)] == list(range(1, 13))
+
+
+def test_resume_from_an_older_checkpoint_with_the_optimizer_in_train_state(setup_dir, straight, killed_between_renames,  # noqa: F811
+                                                                          tmp_path, capsys):
+    """A checkpoint of the earlier format (the whole optimizer state inside train_state.pt, no optimizer/) still
+    resumes exactly."""
+    from test_train import read_optimizer_state
+
+    out = tmp_path / "run"
+    shutil.copytree(killed_between_renames, out)
+    ckpt = out / train.CKPT_OLD
+    state = torch.load(ckpt / train.TRAIN_STATE, weights_only=False)
+    state["optimizer"] = read_optimizer_state(ckpt)
+    shutil.rmtree(ckpt / train.OPTIMIZER_DIR)
+    (out / "optimizer.pt").unlink()
+    train.write_train_state(ckpt / train.TRAIN_STATE, state)
+    resume_matches_straight(setup_dir, out, straight, 1, capsys)
+    assert (out / train.CKPT / train.OPTIMIZER_DIR).is_dir()  # its next save is in the sharded format
+
+
+def test_ctrl_c_inside_the_optimizer_write_is_raised_after_it():
+    """A SIGINT inside sigint_held_back (around torch.distributed.checkpoint, which would wrap the KeyboardInterrupt
+    in a CheckpointException) lets the block finish, then raises KeyboardInterrupt."""
+    finished = False
+    with pytest.raises(KeyboardInterrupt):
+        with train.sigint_held_back():
+            signal.raise_signal(signal.SIGINT)
+            finished = True
+    assert finished and signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -1,0 +1,1 @@
+"""Remote-sensing workflows on top of GeoChat: whole-scene tiling, map coordinates, DOTA-style datasets."""

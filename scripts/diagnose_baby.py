@@ -1,0 +1,232 @@
+"""Why does a Baby GeoChat not find its objects? Three measurements on a checkpoint and its synthetic data.
+
+    python scripts/diagnose_baby.py --checkpoint checkpoints/baby-geochat --data runs/baby-work/data --out runs/diagnosis
+
+1. accuracy on *training* scenes against held-out ones (VQA and [refer], through `eval.py run`):
+   equal and low means underfitting, high on train only means not generalising;
+2. linear probes on the vision tower's selected-layer features and on the projector's output:
+   presence of each object class (mean-pooled patches) and "an object covers this patch's centre"
+   (per patch, the position signal grounding needs), against the same probes on a freshly
+   initialised tower, so the gap is what training put there;
+3. gradient norms reaching the tower, the projector and the decoder on one training batch.
+The pipeline itself (each sample trained with its own image, identical preprocessing in training and
+inference) is checked by tests/test_pipeline.py. Everything prints as one report (also --json).
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+import eval as bench_eval  # noqa: E402
+from boxes import Box, box_polygon_grid  # noqa: E402
+from geochat import GeoChat  # noqa: E402
+from synthetic.scenes import OBJECT_CLASSES, bench_questions  # noqa: E402
+from train import CausalLMLoss, init_weights  # noqa: E402
+
+
+def read_annotations(data_dir: Path, split: str, n: int) -> list[dict]:
+    """The first n annotations of a split ('train' or 'test') of a prepared synthetic dataset."""
+    rows = []
+    with open(data_dir / "annotations.jsonl", encoding="utf-8") as f:
+        for line in f:
+            ann = json.loads(line)
+            if ann["image"].startswith(split + "_"):
+                rows.append(ann)
+                if len(rows) == n:
+                    break
+    return rows
+
+
+def bench_accuracy(checkpoint: Path, data_dir: Path, anns: list[dict], out_dir: Path, tag: str) -> dict:
+    """VQA per category and [refer] acc@0.5 per type on these scenes, through eval.py run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = {"vqa": [], "referring": []}
+    qid = 0
+    for ann in anns:
+        per_bench, qid = bench_questions(ann, ann["image"], start_qid=qid)
+        for bench in rows:
+            rows[bench].extend(per_bench[bench])
+    metrics = {}
+    for bench, questions in rows.items():
+        qfile, afile = out_dir / f"{tag}_{bench}_questions.jsonl", out_dir / f"{tag}_{bench}_answers.jsonl"
+        qfile.write_text("".join(json.dumps(q) + "\n" for q in questions))
+        afile.unlink(missing_ok=True)
+        with contextlib.redirect_stdout(sys.stderr):  # eval.py's own table: the report is printed at the end
+            code = bench_eval.main(["run", "--bench", bench, "--questions", str(qfile), "--image-folder",
+                                    str(data_dir / "images"), "--checkpoint", str(checkpoint), "--answers", str(afile),
+                                    "--batch-size", "32", "--device", "cpu", "--dtype", "float32"])
+        if code != 0:
+            raise SystemExit(f"eval.py run failed on {qfile}")
+        metrics[bench] = bench_eval.score_file(bench, str(afile))
+    return metrics
+
+
+def patch_targets(ann: dict, grid: int) -> torch.Tensor:
+    """(grid*grid,) 1.0 where a patch's centre lies inside an object's rotated box."""
+    polys = [box_polygon_grid(Box(*o["grid"])) for o in ann["objects"]]
+    out = torch.zeros(grid * grid)
+    for k in range(grid * grid):
+        cy, cx = (k // grid + 0.5) * 100 / grid, (k % grid + 0.5) * 100 / grid
+        for poly in polys:
+            if point_in_convex(cx, cy, poly):
+                out[k] = 1.0
+                break
+    return out
+
+
+def point_in_convex(x: float, y: float, poly) -> bool:
+    """Whether (x, y) lies inside a convex polygon (either winding)."""
+    signs = set()
+    for (ax, ay), (bx, by) in zip(poly, poly[1:] + poly[:1]):
+        cross = (bx - ax) * (y - ay) - (by - ay) * (x - ax)
+        if cross != 0:
+            signs.add(cross > 0)
+    return len(signs) <= 1
+
+
+@torch.no_grad()
+def features(model: GeoChat, data_dir: Path, anns: list[dict], batch: int = 64):
+    """(tower features (N, P, Cv), projector outputs (N, P, D)) of the scenes' images, float32."""
+    size = model.cfg.image_size
+    tower, proj = [], []
+    for i in range(0, len(anns), batch):
+        imgs = torch.stack([data.preprocess_image(data.load_image(data_dir / "images" / a["image"]), size)
+                            for a in anns[i:i + batch]])  # (b, 3, S, S)
+        f = model.vision(imgs)  # (b, P, Cv)
+        tower.append(f.float())
+        proj.append(model.projector(f).float())
+    return torch.cat(tower), torch.cat(proj)
+
+
+def fit_probe(x_train, y_train, x_test, y_test, steps: int = 300) -> float:
+    """Balanced accuracy on the test split of a logistic-regression probe (standardised inputs, L-BFGS)."""
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    w = torch.zeros(x_train.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+    pos = y_train.mean().clamp(1e-3, 1 - 1e-3)
+    weight = torch.where(y_train > 0.5, 0.5 / pos, 0.5 / (1 - pos))  # balanced classes
+
+    def closure():
+        opt.zero_grad()
+        loss = (F.binary_cross_entropy_with_logits(x_train @ w + b, y_train, reduction="none") * weight).mean()
+        loss = loss + 1e-3 * w.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        pred = (x_test @ w + b) > 0
+        yes = y_test > 0.5
+        tpr = (pred & yes).sum() / yes.sum().clamp_min(1)
+        tnr = (~pred & ~yes).sum() / (~yes).sum().clamp_min(1)
+    return float((tpr + tnr) / 2)
+
+
+def probes(model: GeoChat, data_dir: Path, train_anns, test_anns) -> dict:
+    """Balanced accuracies of presence-per-class and patch-covered probes on tower and projector features."""
+    grid = model.cfg.vision.grid
+    tr_t, tr_p = features(model, data_dir, train_anns)
+    te_t, te_p = features(model, data_dir, test_anns)
+    out = {}
+    for name, (tr, te) in {"tower": (tr_t, te_t), "projector": (tr_p, te_p)}.items():
+        row = {}
+        for cls in OBJECT_CLASSES:
+            y_tr = torch.tensor([float(any(o["class"] == cls for o in a["objects"])) for a in train_anns])
+            y_te = torch.tensor([float(any(o["class"] == cls for o in a["objects"])) for a in test_anns])
+            row["presence " + cls] = fit_probe(tr.mean(1), y_tr, te.mean(1), y_te)
+        y_tr = torch.cat([patch_targets(a, grid) for a in train_anns])
+        y_te = torch.cat([patch_targets(a, grid) for a in test_anns])
+        row["patch covered"] = fit_probe(tr.flatten(0, 1), y_tr, te.flatten(0, 1), y_te)
+        out[name] = row
+    return out
+
+
+def gradient_norms(model: GeoChat, tokenizer, data_dir: Path, n: int = 32, seed: int = 0) -> dict:
+    """L2 norm of the loss gradient (mean per labelled token) in each part of the model, one batch of n records."""
+    dataset = data.InstructDataset(data_dir / "train.json", data_dir / "images", tokenizer,
+                                   image_size=model.cfg.image_size, max_length=model.cfg.llm.max_seq_len,
+                                   n_image_tokens=model.n_image_tokens)
+    rng = random.Random(seed)
+    items = [dataset[i] for i in rng.sample(range(len(dataset)), n)]
+    batch = data.collate(items, tokenizer.pad_id)
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    loss_model = CausalLMLoss(model)
+    loss = loss_model(batch["input_ids"], batch["labels"], batch["images"])
+    (loss / int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())).backward()
+    norms = {}
+    for part in ("vision", "projector", "llm"):
+        grads = [p.grad.float().square().sum() for p in getattr(model, part).parameters() if p.grad is not None]
+        weights = [p.detach().float().square().sum() for p in getattr(model, part).parameters()]
+        norms[part] = {"grad": math.sqrt(float(sum(grads))), "weight": math.sqrt(float(sum(weights)))}
+    model.eval()
+    return norms
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", type=Path, required=True, help="a trained Baby GeoChat directory")
+    p.add_argument("--data", type=Path, required=True, help="the synthetic dataset it was trained on (synthetic/prepare.py scenes)")
+    p.add_argument("--out", type=Path, required=True, help="directory for the question and answer files")
+    p.add_argument("--n-accuracy", type=int, default=300, help="scenes per split for the train/held-out accuracy")
+    p.add_argument("--n-probe", type=int, default=1500, help="training scenes the probes are fitted on (tested on held-out)")
+    p.add_argument("--skip-accuracy", action="store_true", help="probes and gradients only")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = p.parse_args(argv)
+    for path in (args.checkpoint / "config.json", args.data / "annotations.jsonl", args.data / "train.json"):
+        if not path.is_file():
+            print(f"{path}: not found", file=sys.stderr)
+            return 2
+    torch.manual_seed(0)
+    report = {}
+    if not args.skip_accuracy:
+        report["accuracy"] = {
+            split: bench_accuracy(args.checkpoint, args.data, read_annotations(args.data, split, args.n_accuracy),
+                                  args.out, split)
+            for split in ("train", "test")}
+    model = GeoChat.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
+    tokenizer = data.Tokenizer(args.checkpoint / "tokenizer.model")
+    train_anns = read_annotations(args.data, "train", args.n_probe)
+    test_anns = read_annotations(args.data, "test", 300)
+    report["probes"] = {"trained": probes(model, args.data, train_anns, test_anns)}
+    report["gradients"] = {"trained": gradient_norms(model, tokenizer, args.data)}
+    fresh = GeoChat(model.cfg)
+    init_weights(fresh, seed=0)
+    fresh.eval()
+    report["probes"]["fresh init"] = probes(fresh, args.data, train_anns, test_anns)
+    report["gradients"]["fresh init"] = gradient_norms(fresh, tokenizer, args.data)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    if "accuracy" in report:
+        print("accuracy (train scenes | held-out scenes)")
+        for bench in ("vqa", "referring"):
+            tr, te = report["accuracy"]["train"][bench], report["accuracy"]["test"][bench]
+            for key in tr:
+                if isinstance(tr[key], (int, float)) and not isinstance(tr[key], bool):
+                    print(f"  {bench:10s} {key:28s} {tr[key]:8.3f} | {te.get(key, float('nan')):8.3f}")
+    print("linear probes, balanced accuracy on held-out scenes (0.5 = chance)")
+    for init, parts in report["probes"].items():
+        for part, row in parts.items():
+            print(f"  {init:10s} {part:9s} " + "  ".join(f"{k}={v:.3f}" for k, v in row.items()))
+    print("gradient norms on one batch (loss per labelled token)")
+    for init, parts in report["gradients"].items():
+        print(f"  {init:10s} " + "  ".join(f"{k}: grad {v['grad']:.3g} weight {v['weight']:.3g}" for k, v in parts.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
