@@ -8,7 +8,9 @@
    presence of each object class (mean-pooled patches) and "an object covers this patch's centre"
    (per patch, the position signal grounding needs), against the same probes on a freshly
    initialised tower, so the gap is what training put there;
-3. gradient norms reaching the tower, the projector and the decoder on one training batch.
+3. gradient norms reaching the tower, the projector and the decoder on one training batch;
+4. where the decoder looks when it answers a presence question: its attention on the image tokens, and
+   within them on the patches the objects cover.
 The pipeline itself (each sample trained with its own image, identical preprocessing in training and
 inference) is checked by tests/test_pipeline.py. Everything prints as one report (also --json).
 """
@@ -176,6 +178,51 @@ def gradient_norms(model: GeoChat, tokenizer, data_dir: Path, n: int = 32, seed:
     return norms
 
 
+@torch.no_grad()
+def image_attention(model: GeoChat, tokenizer, data_dir: Path, anns: list[dict]) -> dict:
+    """Where the answer's first position looks, per decoder layer and head, on presence questions about these scenes.
+
+    share: attention on the image tokens (uniform attention pays n_image / prompt length); on_objects: of
+    that, the part on patches an object covers (no preference: their share of the patches, `object_patches`);
+    spread: perplexity of the attention over the image tokens (n_image = even, 1 = one token).
+    """
+    from llama import apply_rope
+    from synthetic.scenes import question_answer
+
+    captured = []
+    hooks = [layer.attn.register_forward_hook(lambda mod, args, out: captured.append((mod, args)))
+             for layer in model.llm.layers]
+    shape = (len(model.llm.layers), model.cfg.llm.n_heads)
+    share, on_objects, entropy = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
+    rng = random.Random(0)
+    scenes = [a for a in anns if a["objects"]]
+    object_patches = 0.0
+    for ann in scenes:
+        question, _ = question_answer(ann, "presence", rng)
+        ids = tokenizer.encode_prompt(data.build_prompt([(data.IMAGE_PLACEHOLDER + "\n" + question, None)], "llava_v1"))
+        image = data.preprocess_image(data.load_image(data_dir / "images" / ann["image"]), model.cfg.image_size)
+        start, n = ids.index(data.IMAGE_TOKEN_ID), model.n_image_tokens
+        covered = patch_targets(ann, model.cfg.vision.grid)  # (n,)
+        object_patches += float(covered.mean()) / len(scenes)
+        captured.clear()
+        model(torch.tensor([ids]), image[None])
+        for i, (attn, (x, cos, sin, *_)) in enumerate(captured):
+            B, T, _ = x.shape
+            q = apply_rope(attn.q_proj(x).view(B, T, attn.n_heads, -1).transpose(1, 2), cos, sin)[:, :, -1:]  # (1, H, 1, D)
+            k = apply_rope(attn.k_proj(x).view(B, T, attn.n_kv_heads, -1).transpose(1, 2), cos, sin)
+            k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=1)  # (1, H, T, D)
+            weights = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)[0, :, 0]  # (H, T)
+            on_image = weights[:, start:start + n]  # (H, n)
+            share[i] += on_image.sum(-1) / len(scenes)
+            within = on_image / on_image.sum(-1, keepdim=True).clamp_min(1e-12)
+            on_objects[i] += (within * covered).sum(-1) / len(scenes)
+            entropy[i] += -(within * within.clamp_min(1e-12).log()).sum(-1) / len(scenes)
+    for h in hooks:
+        h.remove()
+    return {"share": share.tolist(), "on_objects": on_objects.tolist(), "spread": entropy.exp().tolist(),
+            "object_patches": object_patches}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True, help="a trained Baby GeoChat directory")
@@ -203,25 +250,33 @@ def main(argv=None) -> int:
     test_anns = read_annotations(args.data, "test", 300)
     report["probes"] = {"trained": probes(model, args.data, train_anns, test_anns)}
     report["gradients"] = {"trained": gradient_norms(model, tokenizer, args.data)}
+    report["image attention"] = {"trained": image_attention(model, tokenizer, args.data, test_anns[:120])}
     fresh = GeoChat(model.cfg)
     init_weights(fresh, seed=0)
     fresh.eval()
     report["probes"]["fresh init"] = probes(fresh, args.data, train_anns, test_anns)
     report["gradients"]["fresh init"] = gradient_norms(fresh, tokenizer, args.data)
+    report["image attention"]["fresh init"] = image_attention(fresh, tokenizer, args.data, test_anns[:120])
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
     if "accuracy" in report:
         print("accuracy (train scenes | held-out scenes)")
-        for bench in ("vqa", "referring"):
-            tr, te = report["accuracy"]["train"][bench], report["accuracy"]["test"][bench]
-            for key in tr:
-                if isinstance(tr[key], (int, float)) and not isinstance(tr[key], bool):
-                    print(f"  {bench:10s} {key:28s} {tr[key]:8.3f} | {te.get(key, float('nan')):8.3f}")
+        tr, te = report["accuracy"]["train"], report["accuracy"]["test"]
+        rows = [(f"vqa {c}", tr["vqa"]["per_category"][c]["accuracy"], te["vqa"]["per_category"][c]["accuracy"])
+                for c in sorted(tr["vqa"]["per_category"])]
+        rows += [(f"referring {k}", tr["referring"][k], te["referring"][k]) for k in ("acc@0.5", "mean_iou_single")]
+        for name, a, b in rows:
+            print(f"  {name:28s} {a:6.3f} | {b:6.3f}")
     print("linear probes, balanced accuracy on held-out scenes (0.5 = chance)")
     for init, parts in report["probes"].items():
         for part, row in parts.items():
             print(f"  {init:10s} {part:9s} " + "  ".join(f"{k}={v:.3f}" for k, v in row.items()))
+    print("attention of the answer position, per decoder layer (one value a head)")
+    for init, att in report["image attention"].items():
+        for key, fmt in (("share", "{:.2f}"), ("on_objects", "{:.2f}"), ("spread", "{:.0f}")):
+            print(f"  {init:10s} {key:10s} " + " | ".join(" ".join(fmt.format(v) for v in heads) for heads in att[key]))
+        print(f"  {init:10s} object patches: {att['object_patches']:.2f} of the image tokens")
     print("gradient norms on one batch (loss per labelled token)")
     for init, parts in report["gradients"].items():
         print(f"  {init:10s} " + "  ".join(f"{k}: grad {v['grad']:.3g} weight {v['weight']:.3g}" for k, v in parts.items()))

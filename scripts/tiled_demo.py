@@ -1,6 +1,6 @@
 """Tiled grounding on a 2,000-pixel synthetic mosaic with known objects, against one whole-image view.
 
-    python scripts/tiled_demo.py [--checkpoint checkpoints/baby-geochat] [--tile 125] [--overlaps 0 31] [--out docs/tiled_demo.png]
+    python scripts/tiled_demo.py [--checkpoint checkpoints/baby-geochat] [--tile 125] [--overlaps 0 31] [--out tiled.png]
 
 The mosaic is 16 x 16 synthetic scenes of 125 pixels (geo.mosaic; --cells and --tile change that). Each row of the table is one way of
 answering `[grounding] Describe the image in detail.` for the whole mosaic: one view of it (shrunk to the
@@ -73,7 +73,7 @@ def main(argv=None):
     p.add_argument("--overlaps", type=int, nargs="+", default=[0, 31], help="tile overlaps to compare, in pixels")
     p.add_argument("--tile-batch", type=int, default=32, help="tiles per batch")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--out", type=Path, default=None, help="picture of the last tiled answer (e.g. docs/tiled_demo.png)")
+    p.add_argument("--out", type=Path, default=None, help="picture of the last tiled answer (e.g. tiled.png)")
     args = p.parse_args(argv)
     if args.out is not None and args.out.exists():
         sys.exit(f"error: --out {args.out} already exists: it is never overwritten (remove it or choose another name)")
