@@ -11,6 +11,7 @@ Everything is a function of --seed: the same command writes the same bytes, what
 
 import argparse
 import json
+import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -38,21 +39,21 @@ def image_seed(seed, split, index):
 
 
 def _render_chunk(job):
-    img_dir, split_name, split_id, seed, size, indices = job
+    img_dir, split_name, split_id, seed, size, object_scale, indices = job
     anns = []
     for i in indices:
         name = "%s_%06d.png" % (split_name, i)
-        img, ann = make_scene(image_seed(seed, split_id, i), size)
+        img, ann = make_scene(image_seed(seed, split_id, i), size, object_scale=object_scale)
         img.save(Path(img_dir) / name, format="PNG", compress_level=1)
         ann["image"] = name
         anns.append(ann)
     return anns
 
 
-def _render_split(img_dir, split_name, split_id, n, seed, size, workers, progress):
+def _render_split(img_dir, split_name, split_id, n, seed, size, workers, progress, object_scale=1.0):
     """Render n scenes of one split into img_dir; their annotations in index order."""
     chunk = max(16, min(256, -(-n // max(1, 4 * workers))))
-    jobs = [(str(img_dir), split_name, split_id, seed, size, list(range(a, min(n, a + chunk))))
+    jobs = [(str(img_dir), split_name, split_id, seed, size, object_scale, list(range(a, min(n, a + chunk))))
             for a in range(0, n, chunk)]
     anns = []
     with tqdm(total=n, desc=f"{split_name} scenes", unit="img", disable=not progress or n == 0) as bar:
@@ -84,13 +85,13 @@ def _corpus_lines(records, bench):
 
 
 def write_dataset(out_dir, n_train_images, n_test_images, seed=0, size=128, records_per_image=7,
-                  multi_turn_prob=0.25, workers=1, progress=False, tasks=TASKS):
+                  multi_turn_prob=0.25, workers=1, progress=False, tasks=TASKS, object_scale=1.0):
     """Write images, train.json/test.json, one bench file per bench, annotations and corpus.txt; return their paths."""
     out = Path(out_dir)
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
-    train_anns = _render_split(img_dir, "train", 0, n_train_images, seed, size, workers, progress)
-    test_anns = _render_split(img_dir, "test", 1, n_test_images, seed, size, workers, progress)
+    train_anns = _render_split(img_dir, "train", 0, n_train_images, seed, size, workers, progress, object_scale)
+    test_anns = _render_split(img_dir, "test", 1, n_test_images, seed, size, workers, progress, object_scale)
 
     def records(anns):
         return [r for a in anns for r in instruct_records(a, a["image"], records_per_image, seed, multi_turn_prob, tasks)]
@@ -154,6 +155,8 @@ def scenes_main(args):
             raise UsageError(f"{flag} must be >= {low}, got {value}")
     if args.n_train + args.n_test == 0:
         raise UsageError("--n-train and --n-test are both 0: nothing to write")
+    if not (math.isfinite(args.object_scale) and 0.5 <= args.object_scale <= 4):
+        raise UsageError(f"--object-scale must be in [0.5, 4], got {args.object_scale}")
     if not 0 <= args.multi_turn_prob <= 1:
         raise UsageError(f"--multi-turn-prob must be in [0, 1], got {args.multi_turn_prob}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -164,7 +167,8 @@ def scenes_main(args):
     out = _writable_dir(Path(args.out), "--out")
     start = time.time()
     paths = write_dataset(out, args.n_train, args.n_test, args.seed, args.size, args.records_per_image,
-                          args.multi_turn_prob, args.workers, progress=True, tasks=tasks)
+                          args.multi_turn_prob, args.workers, progress=True, tasks=tasks,
+                          object_scale=args.object_scale)
     print(f"wrote {args.n_train} train + {args.n_test} test images in {time.time() - start:.1f}s")
     for name, path in paths.items():
         print(f"  {name:<18} {path}")
@@ -207,6 +211,8 @@ def build_parser():
     s.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks of the training records, "
                    f"from {','.join(TASKS + PRETEXT_TASKS)} (grid: a first-stage pretext task, one digit per "
                    "patch); bench files always cover every bench")
+    s.add_argument("--object-scale", type=float, default=1.0, help="objects' sizes times this (0.5-4; larger: fewer "
+                   "fit, an easier world for a first stage)")
     s.add_argument("--multi-turn-prob", type=float, default=0.25, help="share of records with 2-3 turns")
     s.add_argument("--workers", type=int, default=1, help="rendering processes")
     s.set_defaults(func=scenes_main)

@@ -75,8 +75,8 @@ SIZE_MEDIUM_MAX = 400  # 150 <= area < 400 -> "medium"; otherwise "large"
 # and boxes ask it to search the patches for a class.
 GRID_CELLS = 8
 GRID_MIN_COVER = 0.2  # a cell takes an object's class when the object's box covers this share of it
-GRID_PROMPT = ("[grid] For each cell of an 8x8 grid over the image, row by row, which object covers it? "
-               "0 ground, 1 plane, 2 ship, 3 storage tank, 4 vehicle, 5 building.")
+GRID_PROMPT = ("[grid] For each cell of an %dx%d grid over the image, row by row, which object covers it? %s."
+               % (GRID_CELLS, GRID_CELLS, ", ".join(["0 ground"] + ["%d %s" % (i + 1, c) for i, c in enumerate(OBJECT_CLASSES)])))
 SCENE_PROMPT = task_prompt("scene", classes=SCENE_CLASSES)
 GROUNDING_PROMPT = task_prompt("grounding")
 
@@ -88,26 +88,26 @@ def _overlap(p, q):
     return polygon_iou(p, q) > 0.0
 
 
-def _sample_object(rng, cls):
-    """Sample (length, breadth, direction deg in [0,360)) for one object class, grid units."""
+def _sample_object(rng, cls, scale=1.0):
+    """Sample (length, breadth, direction deg in [0,360)) for one object class, grid units, sizes times scale."""
     (lo, hi), br = SIZE_GRID[cls]
-    length = rng.randint(lo, hi)
+    length = rng.randint(round(lo * scale), round(hi * scale))
     if cls == "plane":
         breadth = max(8, int(round(length * rng.uniform(0.85, 1.05))))
     elif cls == "storage tank":
         breadth = length
     elif cls == "building":
-        breadth = min(length, rng.randint(*br))
+        breadth = min(length, rng.randint(round(br[0] * scale), round(br[1] * scale)))
     else:
-        breadth = rng.randint(*br)
+        breadth = rng.randint(round(br[0] * scale), round(br[1] * scale))
     direction = 0 if cls == "storage tank" else rng.randrange(360)
     return length, breadth, direction
 
 
-def _place(rng, cls, placed_polys, tries=30):
+def _place(rng, cls, placed_polys, tries=30, scale=1.0):
     """Rejection-sample a non-overlapping, fully-inside integer grid box for one object."""
     for _ in range(tries):
-        length, breadth, direction = _sample_object(rng, cls)
+        length, breadth, direction = _sample_object(rng, cls, scale)
         phi = direction % 180
         if phi < 90:
             w, h, theta = length, breadth, phi
@@ -287,8 +287,12 @@ def _reading_key(obj):
     return (y1 + y2, x1 + x2)
 
 
-def make_scene(rng_seed, size=128, draw_objects=True):
-    """Deterministically generate one synthetic aerial scene: (PIL RGB image, annotation dict)."""
+def make_scene(rng_seed, size=128, draw_objects=True, object_scale=1.0):
+    """Deterministically generate one synthetic aerial scene: (PIL RGB image, annotation dict).
+
+    object_scale multiplies the objects' sizes (an easier world for a first stage: 2.5 makes a vehicle
+    as large as a patch); objects that no longer fit are left out, so large scales mean fewer objects.
+    """
     seed = int(rng_seed)
     rng = random.Random(seed)
     nrng = np.random.default_rng([seed, 1])
@@ -299,7 +303,7 @@ def make_scene(rng_seed, size=128, draw_objects=True):
     placed, objects = [], []
     for _ in range(n_obj):
         cls = rng.choices(classes, weights=weights)[0]
-        res = _place(rng, cls, placed)
+        res = _place(rng, cls, placed, scale=object_scale)
         if res is None:
             continue
         grid, direction = res

@@ -317,6 +317,8 @@ def test_prepare_cli_refuses_bad_input(tmp_path):
         (["scenes", "--out", str(tmp_path / "d"), "--n-train", "-1"], "--n-train must be >= 0, got -1"),
         (["scenes", "--out", str(tmp_path / "d"), "--n-train", "0", "--n-test", "0"], "nothing to write"),
         (["scenes", "--out", str(tmp_path / "d"), "--tasks", "grounding,dance"], "--tasks 'grounding,dance'"),
+        (["scenes", "--out", str(tmp_path / "d"), "--object-scale", "nan"], "--object-scale must be in [0.5, 4]"),
+        (["scenes", "--out", str(tmp_path / "d"), "--object-scale", "9"], "--object-scale must be in [0.5, 4]"),
         (["tokenizer", "--corpus", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "t.model")], "no such file"),
         (["tokenizer", "--corpus", str(corpus), "--out", str(tmp_path / "t.model"), "--vocab-size", "10"],
          "--vocab-size must be >= 300"),
@@ -369,3 +371,20 @@ def test_tasks_option_restricts_the_training_records_and_weights_them(tmp_path):
     assert all(len(r["conversations"][1]["value"]) == GRID_CELLS ** 2 for r in records
                if r["conversations"][0]["value"].startswith("<image>\n[grid]"))
     assert paths["referring"].read_text()  # the bench files still cover every bench
+
+
+def test_object_scale_makes_larger_objects_that_still_fit_and_keeps_scale_one_unchanged():
+    def areas(scale):
+        out = []
+        for seed in range(40):
+            img, ann = make_scene(seed, object_scale=scale)
+            for o in ann["objects"]:
+                x1, y1, x2, y2, _ = o["grid"]
+                assert 0 <= x1 < x2 <= 100 and 0 <= y1 < y2 <= 100
+                out.append((x2 - x1) * (y2 - y1))
+        return out
+
+    for seed in (0, 5):
+        assert png_bytes(make_scene(seed, object_scale=1.0)[0]) == png_bytes(make_scene(seed)[0])
+    small, large = areas(1.0), areas(2.5)
+    assert large and sum(large) / len(large) > 3 * sum(small) / len(small)
