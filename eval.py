@@ -707,7 +707,7 @@ def run_bench(args: argparse.Namespace) -> int:
         todo = todo[: max(0, args.limit - len(done))]
     device = sample.pick_device(args.device)
     engine = sample.load(args.checkpoint, device, sample.DTYPES[args.dtype or sample.default_dtype(device)], args.lora,
-                         compile=args.compile, vision_tower=args.vision_tower)
+                         compile=args.compile, vision_tower=args.vision_tower, quantize=args.quantize)
     size = engine.model.cfg.image_size
     failed = Counter()
     try:
@@ -789,6 +789,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: bfloat16 on cuda, float16 on mps, float32 on cpu")
     r.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="per answer (the reference's bench scripts use 256)")
     r.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    r.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="weight-only int8 / int4 decoder linears and lm_head (after --lora is merged); see sample.py")
     r.set_defaults(func=_cmd_run)
 
     s = sub.add_parser("score", help="score an answers JSONL file (needs no torch)", formatter_class=formatter)

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import quant
 from llama import Llama, LlamaConfig
 from vit import HUB_VISION_TOWERS, VisionTower, ViTConfig, interpolate_pos_embed
 
@@ -40,6 +41,7 @@ class GeoChatConfig:
     image_size: int = 504  # the resolution the model sees (position embeddings resized to it)
     select_layer: int = -2  # which hidden state of the vision tower feeds the projector
     projector: str = "mlp2x_gelu"
+    quantization: dict | None = None  # {"mode": "int8"|"int4", "group_size": G} for a quantised decoder (quant.py)
 
     def __post_init__(self):
         if self.projector not in PROJECTOR_TYPES:
@@ -71,7 +73,7 @@ class GeoChatConfig:
             "image_size": self.image_size,
             "select_layer": self.select_layer,
             "projector": self.projector,
-        }
+        } | ({"quantization": self.quantization} if self.quantization is not None else {})
 
 
 GEOCHAT_CONFIGS = {
@@ -494,9 +496,16 @@ def load_checkpoint(path: Path, dtype, device, vision_tower=None) -> GeoChat:
         cfg, table = llava_hf_config(hf), LLAVA_HF_KEYS
     else:
         cfg, table = release_config(hf, clip_dir), LLAVA_RELEASE_KEYS
+    quantization = None
+    if cfg.quantization is not None:  # ours only: QuantLinears to load the int8 / int4 weights into
+        quantization = quant.check_quantization(cfg.quantization, str(path / "config.json"))
     with torch.device("meta"):
         model = GeoChat(cfg)
+    if quantization is not None:
+        quant.quantize_model(model, quantization["mode"], quantization["group_size"])
     expected = model.state_dict()
+    quantized_keys = {f"{name}.{buffer}" for name in quant.quantizable_linears(model) for buffer in ("weight", "weight_scale")
+                      } if quantization is not None else set()
     if table is None:  # our own names, mapped one to one
         table = [(k, k) for k in expected]
     sources = collect_sources(find_weight_files(path), table, str(path))
@@ -518,7 +527,13 @@ def load_checkpoint(path: Path, dtype, device, vision_tower=None) -> GeoChat:
             problems.append(f"{stored} in {wf.path.name} has shape {tuple(tensor.shape)}, expected {tuple(expected[ours].shape)}")
             misshaped.add(ours)
             continue
-        loaded = tensor.to(device=device, dtype=dtype)
+        want = expected[ours].dtype
+        if not want.is_floating_point and tensor.dtype != want:  # never cast floats into quantised integers
+            problems.append(f"{stored} in {wf.path.name} has dtype {str(tensor.dtype)[6:]}, expected {str(want)[6:]}")
+            misshaped.add(ours)
+            continue
+        # quantised weights and their float32 scales keep their dtype; everything else is asked for in dtype
+        loaded = tensor.to(device=device, dtype=want if ours in quantized_keys else dtype)
         if loaded.data_ptr() != tensor.data_ptr():
             release_pages(tensor)
         state[ours] = loaded
@@ -529,4 +544,6 @@ def load_checkpoint(path: Path, dtype, device, vision_tower=None) -> GeoChat:
     if problems:
         raise ValueError(f"{path}: cannot load checkpoint: " + "; ".join(problems))
     model.load_state_dict(state, assign=True, strict=True)
+    if quantization is not None:
+        quant.prepare_kernels(model)
     return model.eval()

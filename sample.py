@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import data
+import quant
 from boxes import Box, box_polygon, parse_boxes
 from geo import georef, tiling
 from geochat import DTYPES, GeoChat, read_json
@@ -279,6 +280,7 @@ def scene_records(scene) -> list:
 
 MIN_DISPLAY_SHORT_SIDE = 512  # smaller images are upscaled before drawing, so labels and lines are legible
 MAX_DISPLAY_LONG_SIDE = 2048  # larger images (whole scenes) are downscaled for display
+LABEL_MIN_PX, LABEL_MAX_PX = 12, 20  # label text height: 1/32 of the short side within these (whole scenes: small labels)
 
 
 def display_scale(width: int, height: int) -> float:
@@ -302,7 +304,7 @@ def draw_boxes(image, boxes: list):
         canvas = canvas.resize(size, Image.LANCZOS if scale < 1 else Image.BICUBIC)
     draw = ImageDraw.Draw(canvas)
     thickness = max(2, round(max(canvas.size) / 400))
-    font = ImageFont.load_default(size=max(12, round(min(canvas.size) / 32)))
+    font = ImageFont.load_default(size=min(LABEL_MAX_PX, max(LABEL_MIN_PX, round(min(canvas.size) / 32))))
     pad = max(1, thickness // 2)
     colours = {}
     for box in boxes:
@@ -342,12 +344,20 @@ def default_dtype(device: torch.device) -> str:
     return {"cuda": "bfloat16", "mps": "float16"}.get(device.type, "float32")
 
 
-def load(checkpoint, device, dtype, lora=None, compile=False, vision_tower=None) -> Engine:
-    """Model (+ merged LoRA adapter) and tokenizer from a checkpoint directory, as an Engine."""
+def load(checkpoint, device, dtype, lora=None, compile=False, vision_tower=None, quantize=None) -> Engine:
+    """Model (+ merged LoRA adapter, then int8 / int4 weights with quantize) and tokenizer from a checkpoint directory, as an Engine."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"checkpoint directory {checkpoint} not found")
-    read_json(checkpoint / "config.json")  # one line for a missing, broken or non-object config.json, before the tokenizer
+    config = read_json(checkpoint / "config.json")  # one line for a missing, broken or non-object config.json, before the tokenizer
+    stored = config["quantization"].get("mode") if isinstance(config.get("quantization"), dict) else None  # checked at loading
+    if stored is not None and lora is not None:
+        raise ValueError(f"--lora: {checkpoint} is quantised ({stored}) and an adapter cannot be merged into its weights; "
+                         f"use the float checkpoint with --lora and --quantize {stored}")
+    if stored is not None and quantize not in (None, stored):
+        raise ValueError(f"--quantize {quantize}: {checkpoint} is already quantised as {stored}; use its float checkpoint")
+    if quantize is not None and quantize not in quant.QUANT_MODES:
+        raise ValueError(f"--quantize {quantize!r}: expected one of {', '.join(quant.QUANT_MODES)}")
     tokenizer = data.Tokenizer(checkpoint / "tokenizer.model")
     model = GeoChat.from_pretrained(checkpoint, dtype=dtype, device=device, vision_tower=vision_tower)
     if lora is not None:  # merged into the base weights (computed in float32): no per-token LoRA cost
@@ -355,6 +365,10 @@ def load(checkpoint, device, dtype, lora=None, compile=False, vision_tower=None)
 
         lora_lib.load_adapter(model, lora)
         lora_lib.merge_lora(model)
+    if quantize is not None and stored is None:  # after the merge: the adapter is quantised with its base weights
+        quant.quantize_model(model, quantize)
+    if quant.prefill_dtype(dtype, device) != dtype:  # bf16 / fp16 storage on a CPU whose bf16 GEMMs are slow
+        quant.use_float32_prefill(model)
     if tokenizer.vocab_size > model.cfg.llm.vocab_size:
         raise ValueError(f"{checkpoint}: tokenizer has {tokenizer.vocab_size} tokens, the model only {model.cfg.llm.vocab_size}")
     return Engine(model, tokenizer, compile=compile)
@@ -522,6 +536,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, then mps, then cpu")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="None: bfloat16 on CUDA, float16 on MPS, float32 on CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--quantize", choices=quant.QUANT_MODES, default=None,
+                   help="weight-only int8 (per channel) or int4 (groups of 128) decoder linears and lm_head, after "
+                        "--lora is merged; None: the checkpoint's own weights (README: Quantised inference)")
     p.add_argument("--out", type=Path, help="image file with the answer's boxes drawn (index appended for several "
                                             "images); never one of the --image files")
     p.add_argument("--json", action="store_true", help="print one JSON object per answer instead of streaming text")
@@ -549,7 +566,7 @@ def run(args):
     dtype = DTYPES[args.dtype or default_dtype(device)]
     references = [georef.georeference(p) for p in args.image] if args.geojson else None  # a bad world file fails here
     pil_images = [tiling.load_scene(p) if args.tile else data.load_image(p) for p in args.image]
-    engine = load(args.checkpoint, device, dtype, args.lora, args.compile, args.vision_tower)
+    engine = load(args.checkpoint, device, dtype, args.lora, args.compile, args.vision_tower, args.quantize)
     if args.tile:
         boxes = answer_scenes(engine, args, first_text, pil_images)
     else:
