@@ -430,15 +430,22 @@ def tile_overlap(args) -> int:
     return args.overlap if args.overlap is not None else args.tile // 4
 
 
+def check_output_folder(flag: str, path: Path):
+    """Refuse an output file whose folder is missing, not a folder or not writable (ValueError)."""
+    folder = path.parent
+    if not folder.exists():
+        raise ValueError(f"{flag} {path}: directory {folder} does not exist")
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {path}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{flag} {path}: directory {folder} is not writable")
+
+
 def check_geojson(geojson: Path, images: list):
     """Refuse a --geojson that is not a .geojson/.json name, cannot be written or already exists (never overwritten)."""
     if geojson.suffix.lower() not in (".geojson", ".json"):
         raise ValueError(f"--geojson {geojson}: the name needs the extension .geojson (or .json)")
-    folder = geojson.parent
-    if not folder.is_dir():
-        raise ValueError(f"--geojson {geojson}: directory {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"--geojson {geojson}: directory {folder} is not writable")
+    check_output_folder("--geojson", geojson)
     for i in range(len(images)):
         path = out_path(geojson, i, len(images))
         if path.exists() or path.is_symlink():
@@ -451,13 +458,7 @@ def check_out(out: Path, images: list):
         raise ValueError(f"--out {out}: the name needs an image extension such as .png")
     if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:
         raise ValueError(f"--out {out}: unknown image format {out.suffix!r} (try .png or .jpg)")
-    folder = out.parent
-    if not folder.exists():
-        raise ValueError(f"--out {out}: directory {folder} does not exist")
-    if not folder.is_dir():
-        raise ValueError(f"--out {out}: {folder} is not a directory")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"--out {out}: directory {folder} is not writable")
+    check_output_folder("--out", out)
     for i in range(len(images)):
         path = out_path(out, i, len(images))
         if path.is_dir():

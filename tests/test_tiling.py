@@ -18,6 +18,7 @@ from geo.labels import count_phrase, grounded_description, object_name, plural
 from geo.mosaic import make_mosaic
 from geochat import GeoChat, GeoChatConfig
 from llama import LlamaConfig
+from test_sample_cli import cli  # sample.main in this process: its exit code
 from vit import ViTConfig
 
 
@@ -223,14 +224,6 @@ def tiny_model_dir(tmp_path_factory, sp_model_path):
     folder = tmp_path_factory.mktemp("tiny") / "ckpt"
     GeoChat(GeoChatConfig(vision=vision, llm=llm, image_size=28)).save_pretrained(folder, tokenizer_model=sp_model_path)
     return folder
-
-
-def cli(*argv):
-    try:
-        sample.main([str(a) for a in argv])
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def test_tiled_cli_prints_one_answer_and_writes_the_picture_and_geojson(tiny_model_dir, tmp_path, capsys):
