@@ -483,6 +483,63 @@ def collect_sources(files: list[Path], table, source: str) -> dict:
     return sources
 
 
+def read_state(sources: dict, model: GeoChat, expected: dict, dtype, device, keep_dtype=frozenset()):
+    """Read every expected tensor from `sources` (our key -> (WeightFile, stored key)) in `dtype` on `device`
+    (keys in keep_dtype keep their stored dtype): (state, problems naming each unexpected, mis-shaped or missing key)."""
+    state, problems, misshaped = {}, [], set()
+    cfg = model.cfg
+    built_blocks = len(model.vision.blocks)
+    for ours, (wf, stored) in sources.items():
+        if ours not in expected:
+            m = re.match(r"vision\.blocks\.(\d+)\.", ours)
+            if m and built_blocks <= int(m.group(1)) < cfg.vision.n_layers:
+                continue  # blocks after the selected feature layer are never run
+            problems.append(f"unexpected {stored} (as {ours}) in {wf.path.name}")
+            continue
+        tensor = wf.get(stored)
+        if ours == "vision.pos_embed" and tensor.ndim == 2 and tensor.shape[0] != expected[ours].shape[0]:
+            tensor = interpolate_pos_embed(tensor, model.vision.grid)
+        if tensor.shape != expected[ours].shape:
+            problems.append(f"{stored} in {wf.path.name} has shape {tuple(tensor.shape)}, expected {tuple(expected[ours].shape)}")
+            misshaped.add(ours)
+            continue
+        want = expected[ours].dtype
+        if not want.is_floating_point and tensor.dtype != want:  # never cast floats into quantised integers
+            problems.append(f"{stored} in {wf.path.name} has dtype {str(tensor.dtype)[6:]}, expected {str(want)[6:]}")
+            misshaped.add(ours)
+            continue
+        # quantised weights and their float32 scales keep their dtype; everything else is asked for in dtype
+        loaded = tensor.to(device=device, dtype=want if ours in keep_dtype else dtype)
+        if loaded.data_ptr() != tensor.data_ptr():
+            release_pages(tensor)
+        state[ours] = loaded
+    missing = sorted(set(expected) - set(state) - misshaped)
+    if missing:
+        hint = " (no vision tower weights: pass vision_tower=<CLIP directory>)" if any(k.startswith("vision.") for k in missing) else ""
+        problems.append(f"missing {', '.join(missing[:10])}" + (f" and {len(missing) - 10} more" if len(missing) > 10 else "") + hint)
+    return state, problems
+
+
+def load_vision_tower(model: GeoChat, clip_dir) -> GeoChat:
+    """Overwrite model's vision tower with a CLIP directory's (config.json + weights), in place; raise on any mismatch."""
+    clip_dir = Path(clip_dir)
+    if not (clip_dir / "config.json").is_file():
+        raise FileNotFoundError(f"vision tower directory {clip_dir} has no config.json")
+    stored = ViTConfig.from_hf(read_json(clip_dir / "config.json"))
+    if stored != model.cfg.vision:
+        raise ValueError(f"{clip_dir}: the tower's config {stored} differs from the model's {model.cfg.vision}")
+    expected = {k: v for k, v in model.state_dict().items() if k.startswith("vision.")}
+    sources = collect_sources(find_weight_files(clip_dir), CLIP_KEYS, str(clip_dir))
+    state, problems = read_state(sources, model, expected, model.vision.patch_embed.weight.dtype,
+                                 model.vision.patch_embed.weight.device)
+    if problems:
+        raise ValueError(f"{clip_dir}: cannot load the vision tower: " + "; ".join(problems))
+    with torch.no_grad():
+        for key, tensor in state.items():
+            model.get_parameter(key).copy_(tensor)
+    return model
+
+
 def load_checkpoint(path: Path, dtype, device, vision_tower=None) -> GeoChat:
     """Build GeoChat on the meta device and assign every weight from the checkpoint directory."""
     if not path.is_dir():
@@ -511,36 +568,7 @@ def load_checkpoint(path: Path, dtype, device, vision_tower=None) -> GeoChat:
     sources = collect_sources(find_weight_files(path), table, str(path))
     if clip_dir is not None and not any(k.startswith("vision.") for k in sources):
         sources.update(collect_sources(find_weight_files(clip_dir), CLIP_KEYS, str(clip_dir)))
-    state, problems, misshaped = {}, [], set()
-    built_blocks = len(model.vision.blocks)
-    for ours, (wf, stored) in sources.items():
-        if ours not in expected:
-            m = re.match(r"vision\.blocks\.(\d+)\.", ours)
-            if m and built_blocks <= int(m.group(1)) < cfg.vision.n_layers:
-                continue  # blocks after the selected feature layer are never run
-            problems.append(f"unexpected {stored} (as {ours}) in {wf.path.name}")
-            continue
-        tensor = wf.get(stored)
-        if ours == "vision.pos_embed" and tensor.ndim == 2 and tensor.shape[0] != expected[ours].shape[0]:
-            tensor = interpolate_pos_embed(tensor, model.vision.grid)
-        if tensor.shape != expected[ours].shape:
-            problems.append(f"{stored} in {wf.path.name} has shape {tuple(tensor.shape)}, expected {tuple(expected[ours].shape)}")
-            misshaped.add(ours)
-            continue
-        want = expected[ours].dtype
-        if not want.is_floating_point and tensor.dtype != want:  # never cast floats into quantised integers
-            problems.append(f"{stored} in {wf.path.name} has dtype {str(tensor.dtype)[6:]}, expected {str(want)[6:]}")
-            misshaped.add(ours)
-            continue
-        # quantised weights and their float32 scales keep their dtype; everything else is asked for in dtype
-        loaded = tensor.to(device=device, dtype=want if ours in quantized_keys else dtype)
-        if loaded.data_ptr() != tensor.data_ptr():
-            release_pages(tensor)
-        state[ours] = loaded
-    missing = sorted(set(expected) - set(state) - misshaped)
-    if missing:
-        hint = " (no vision tower weights: pass vision_tower=<CLIP directory>)" if any(k.startswith("vision.") for k in missing) else ""
-        problems.append(f"missing {', '.join(missing[:10])}" + (f" and {len(missing) - 10} more" if len(missing) > 10 else "") + hint)
+    state, problems = read_state(sources, model, expected, dtype, device, quantized_keys)
     if problems:
         raise ValueError(f"{path}: cannot load checkpoint: " + "; ".join(problems))
     model.load_state_dict(state, assign=True, strict=True)

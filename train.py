@@ -87,7 +87,7 @@ import torch.nn.functional as F
 
 import lora
 from data import SKIP_REASONS, InstructDataset, ShardedSampler, Tokenizer, collate
-from geochat import DTYPES, GEOCHAT_CONFIGS, IGNORE_INDEX, IMAGE_TOKEN_ID, NATIVE_FORMAT, GeoChat, GeoChatConfig
+from geochat import DTYPES, GEOCHAT_CONFIGS, IGNORE_INDEX, IMAGE_TOKEN_ID, NATIVE_FORMAT, GeoChat, GeoChatConfig, load_vision_tower
 
 MODES = ("lora", "projector", "full")
 CKPT, CKPT_TMP, CKPT_OLD = "ckpt", "ckpt.tmp", "ckpt.old"
@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint directory to fine-tune (any layout GeoChat.from_pretrained reads)")
     src.add_argument("--config", help=f"train from scratch: a config name ({', '.join(GEOCHAT_CONFIGS)}) or our config.json")
-    p.add_argument("--vision-tower", help="CLIP directory, for a release checkpoint without the tower's weights")
+    p.add_argument("--vision-tower", help="CLIP directory: the tower of a release checkpoint that lacks its weights; with "
+                   "--config, a pretrained tower to start from (frozen, like the reference's CLIP, unless --train-vision)")
     p.add_argument("--tokenizer", help="tokenizer.model; None: the checkpoint's (required with --config)")
     p.add_argument("--data", required=True, help="GeoChat_Instruct-style json")
     p.add_argument("--image-folder", required=True, help="folder the records' image paths are relative to")
@@ -133,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--mode lora: also train the projector fully and save it in the adapter (the reference keeps "
                         "it frozen)")
     p.add_argument("--train-vision", action="store_true",
-                   help="--mode full from --checkpoint: also train the vision tower (always trained with --config, "
-                        "where it starts from scratch)")
+                   help="--mode full: also train a pretrained vision tower (from --checkpoint or --vision-tower; a "
+                        "scratch tower, --config alone, always trains)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--max-steps", type=int, help="optimizer steps to run (overrides --epochs)")
     length.add_argument("--epochs", type=int, default=1, help="passes over the dataset")
@@ -204,6 +205,8 @@ def check_args(args):
         raise UsageError("--config (training from scratch) needs --tokenizer PATH (a SentencePiece tokenizer.model)")
     if args.checkpoint is not None and not Path(args.checkpoint).is_dir():
         raise UsageError(f"checkpoint directory {args.checkpoint} not found")
+    if args.vision_tower is not None and not (Path(args.vision_tower) / "config.json").is_file():
+        raise UsageError(f"--vision-tower {args.vision_tower}: not a CLIP directory (no config.json)")
     if not Path(args.data).is_file():
         raise UsageError(f"data file {args.data} not found")
     if not Path(args.image_folder).is_dir():
@@ -339,6 +342,11 @@ def build_model(args, dtype, device) -> GeoChat:
         model = GeoChat(cfg)
     model.to_empty(device=device)
     init_weights(model, args.seed)
+    if args.vision_tower is not None:  # a pretrained tower (synthetic/pretrain_tower.py writes one for the baby)
+        try:
+            load_vision_tower(model, args.vision_tower)
+        except (ValueError, FileNotFoundError) as e:
+            raise UsageError(str(e)) from None
     return model.to(dtype).train()
 
 
@@ -348,7 +356,8 @@ def train_modules(args) -> list[str]:
         return ["projector"] if args.train_projector else []
     if args.mode == "projector":
         return ["projector"]
-    vision = args.config is not None or args.train_vision  # a scratch vision tower learns too
+    # a scratch tower learns too; a pretrained one (--checkpoint, or --config with --vision-tower) stays frozen
+    vision = (args.config is not None and args.vision_tower is None) or args.train_vision
     return ["projector", "llm"] + (["vision"] if vision else [])
 
 

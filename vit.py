@@ -60,6 +60,13 @@ class ViTConfig:
         """Plain dict, for our own config.json."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    def to_hf(self) -> dict:
+        """An HF `CLIPVisionConfig` dict (the inverse of from_hf), for a CLIP directory's config.json."""
+        return {"model_type": "clip_vision_model", "architectures": ["CLIPVisionModel"], "image_size": self.image_size,
+                "patch_size": self.patch_size, "hidden_size": self.width, "num_hidden_layers": self.n_layers,
+                "num_attention_heads": self.n_heads, "intermediate_size": self.mlp_dim, "layer_norm_eps": self.norm_eps,
+                "hidden_act": self.act, "num_channels": 3}
+
 
 VIT_CONFIGS = {
     "ViT-L/14-336": dict(image_size=336, patch_size=14, width=1024, n_layers=24, n_heads=16, mlp_dim=4096),

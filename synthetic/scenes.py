@@ -411,12 +411,12 @@ def _comparison(ann, rng):
     return q, ("Yes" if counts[a] > counts[b] else "No")
 
 
-def grid_answer(ann, cells=GRID_CELLS):
-    """The grid task's answer: cells*cells digits, row by row: 1 + OBJECT_CLASSES index of the object whose box
-    covers most of the cell (at least GRID_MIN_COVER of it), else 0."""
+def cell_objects(ann, cells=GRID_CELLS):
+    """Per cell of a cells x cells grid, row by row: the index of the object whose box covers most of it (at least
+    GRID_MIN_COVER of the cell), else -1. The labels of the grid task and of the vision tower's pretraining."""
     step = 100.0 / cells
-    best = [[(0.0, 0)] * cells for _ in range(cells)]  # (covered area, digit) per cell
-    for o in ann["objects"]:
+    best = [(0.0, -1)] * (cells * cells)  # (covered area, object index) per cell
+    for i, o in enumerate(ann["objects"]):
         poly = box_polygon_grid(Box(*o["grid"]))
         xs, ys = [p[0] for p in poly], [p[1] for p in poly]
         for row in range(max(0, int(min(ys) // step)), min(cells, int(max(ys) // step) + 1)):
@@ -424,9 +424,16 @@ def grid_answer(ann, cells=GRID_CELLS):
                 x0, y0 = col * step, row * step
                 cell = [(x0, y0), (x0 + step, y0), (x0 + step, y0 + step), (x0, y0 + step)]
                 area = polygon_area(polygon_intersection(poly, cell))
-                if area >= GRID_MIN_COVER * step * step and area > best[row][col][0]:
-                    best[row][col] = (area, OBJECT_CLASSES.index(o["class"]) + 1)
-    return "".join(str(digit) for row in best for _, digit in row)
+                if area >= GRID_MIN_COVER * step * step and area > best[row * cells + col][0]:
+                    best[row * cells + col] = (area, i)
+    return [i for _, i in best]
+
+
+def grid_answer(ann, cells=GRID_CELLS):
+    """The grid task's answer: cells*cells digits, row by row: 1 + OBJECT_CLASSES index of the object that covers
+    the cell (cell_objects), else 0."""
+    return "".join("0" if i < 0 else str(OBJECT_CLASSES.index(ann["objects"][i]["class"]) + 1)
+                   for i in cell_objects(ann, cells))
 
 
 # in a scene without objects, a task that needs one is replaced by another (never by presence,

@@ -1,0 +1,183 @@
+"""Pretrain Baby GeoChat's vision tower on the synthetic world, as CLIP is pretrained before GeoChat.
+
+    python synthetic/pretrain_tower.py --config baby --out DIR [--n-train 8000] [--seed 0] [--steps 800]
+
+GeoChat starts from a pretrained CLIP tower and keeps it frozen; a tower trained from scratch through the
+decoder's answers never becomes readable (README, "Why it does not find objects"). This script gives the
+baby the same start: the tower alone learns, for every patch of its selected layer, which object class
+covers the patch (`scenes.cell_objects`, the grid task's labels) and that object's box in GeoChat's numbers
+(x1, y1, x2, y2 on the 0-100 grid and the angle), through a linear head that is then thrown away.
+The scenes are the dataset's own training scenes (the same seeds as `prepare.py scenes --seed`), rendered
+in memory. DIR becomes an HF `CLIPVisionModel` directory (config.json + model.safetensors) that
+`train.py --config baby --vision-tower DIR` starts from, frozen like the reference's CLIP.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data import preprocess_image  # noqa: E402
+from geochat import CLIP_KEYS, GEOCHAT_CONFIGS, GeoChat, GeoChatConfig, unmap_keys  # noqa: E402
+from synthetic.prepare import UsageError, _writable_dir, image_seed  # noqa: E402
+from synthetic.scenes import OBJECT_CLASSES, cell_objects, make_scene  # noqa: E402
+from train import init_weights  # noqa: E402
+from vit import VisionTower  # noqa: E402
+
+GROUND_WEIGHT = 0.2  # most patches are ground: their class loss counts this much
+BOX_WEIGHT = 5.0     # the box regression's weight against the class loss
+ANGLE_RANGE = 90.0   # GeoChat's angles lie in [0, 90)
+
+
+def render(seed: int, split: int, n: int, size: int, grid: int, object_scale: float = 1.0):
+    """n scenes of one split: images (n, 3, size, size) float16, cell classes (n, grid*grid) (0 = ground),
+    cell boxes (n, grid*grid, 5): the covering object's x1, y1, x2, y2 / 100 and angle / 90 (0 on ground),
+    and the scenes' annotations."""
+    images = torch.empty(n, 3, size, size, dtype=torch.float16)
+    classes = torch.zeros(n, grid * grid, dtype=torch.long)
+    boxes = torch.zeros(n, grid * grid, 5)
+    anns = []
+    for i in tqdm(range(n), desc=f"split {split} scenes", unit="img", leave=False):
+        img, ann = make_scene(image_seed(seed, split, i), size, object_scale=object_scale)
+        images[i] = preprocess_image(img, size).to(torch.float16)
+        anns.append(ann)
+        for cell, k in enumerate(cell_objects(ann, grid)):
+            if k >= 0:
+                obj = ann["objects"][k]
+                classes[i, cell] = OBJECT_CLASSES.index(obj["class"]) + 1
+                x1, y1, x2, y2, theta = obj["grid"]
+                boxes[i, cell] = torch.tensor([x1 / 100, y1 / 100, x2 / 100, y2 / 100, theta / ANGLE_RANGE])
+    return images, classes, boxes, anns
+
+
+def patch_loss(head, feats, classes, boxes):
+    """Class cross-entropy (ground down-weighted) plus L1 box error on the object patches."""
+    out = head(feats)  # (B, P, 1 + n_classes + 5)
+    n_cls = 1 + len(OBJECT_CLASSES)
+    weight = torch.ones(n_cls)
+    weight[0] = GROUND_WEIGHT
+    cls_loss = F.cross_entropy(out[..., :n_cls].flatten(0, 1), classes.flatten(), weight=weight)
+    on = classes > 0
+    box_loss = (out[..., n_cls:][on] - boxes[on]).abs().mean() if on.any() else out.sum() * 0
+    return cls_loss + BOX_WEIGHT * box_loss
+
+
+@torch.no_grad()
+def evaluate(tower, head, images, classes, boxes, batch=64):
+    """Held-out: class accuracy on object patches and on ground patches, mean box error in grid units on object patches."""
+    n_cls = 1 + len(OBJECT_CLASSES)
+    preds, regs = [], []
+    for a in range(0, len(images), batch):
+        out = head(tower(images[a:a + batch].float()))
+        preds.append(out[..., :n_cls].argmax(-1))
+        regs.append(out[..., n_cls:])
+    pred, reg = torch.cat(preds), torch.cat(regs)
+    on = classes > 0
+    return {"object_patch_acc": (pred[on] == classes[on]).float().mean().item(),
+            "ground_patch_acc": (pred[~on] == 0).float().mean().item(),
+            "box_error_grid": ((reg[on][:, :4] - boxes[on][:, :4]).abs().mean() * 100).item()}
+
+
+def save_clip_dir(tower: VisionTower, out: Path):
+    """Write the tower as an HF CLIPVisionModel directory. The blocks after the selected layer, which GeoChat never
+    runs, are written as identity blocks (zero output projections) so that HF finds every key it expects."""
+    from safetensors.torch import save_file
+
+    cfg = tower.cfg
+    state = {"vision." + k: v.detach().float().contiguous() for k, v in tower.state_dict().items()}
+    for layer in range(len(tower.blocks), cfg.n_layers):
+        for name, value in tower.blocks[0].state_dict().items():
+            zero = name.startswith(("attn.o_proj.", "mlp.fc2.")) or name.endswith(".bias")
+            state[f"vision.blocks.{layer}.{name}"] = torch.zeros_like(value) if zero else value.detach().float().clone()
+    stored = unmap_keys(state, [(k, v) for k, v in CLIP_KEYS if k.startswith("vision_model.")])
+    tensors = {stored[k]: v for k, v in state.items()}
+    tensors["vision_model.post_layernorm.weight"] = torch.ones(cfg.width)
+    tensors["vision_model.post_layernorm.bias"] = torch.zeros(cfg.width)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
+
+
+def fit(tower, head, images, classes, boxes, steps, batch_size, lr, progress=True):
+    """AdamW on patch_loss over random batches (torch's global RNG), linear warmup over the first 5% of the steps."""
+    opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    bar = tqdm(range(steps), desc="tower", unit="step", disable=not progress)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / warmup)
+        idx = torch.randint(0, len(images), (batch_size,))
+        loss = patch_loss(head, tower(images[idx].float()), classes[idx], boxes[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+
+
+def pretrain(args) -> dict:
+    """Train the tower, write it to args.out, return the held-out metrics."""
+    torch.manual_seed(args.seed)
+    if args.config in GEOCHAT_CONFIGS:
+        cfg = GeoChatConfig.from_name(args.config)
+    else:
+        cfg = GeoChatConfig.from_dict(json.loads(Path(args.config).read_text()))
+    model = GeoChat(cfg)
+    init_weights(model, args.seed)  # the same start as a scratch tower in train.py (sine-cosine position rows)
+    tower = model.vision.float().train()
+    head = torch.nn.Linear(cfg.vision.width, 1 + len(OBJECT_CLASSES) + 5)
+    train = render(args.data_seed, 0, args.n_train, cfg.image_size, tower.grid, args.object_scale)
+    test = render(args.data_seed, 1, args.n_test, cfg.image_size, tower.grid, args.object_scale)
+    start = time.time()
+    fit(tower, head, *train[:3], args.steps, args.batch_size, args.lr)
+    metrics = {"steps": args.steps, "seconds": round(time.time() - start, 1), **evaluate(tower, head, *test[:3])}
+    save_clip_dir(tower, Path(args.out))
+    (Path(args.out) / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def build_parser():
+    """The command line."""
+    p = argparse.ArgumentParser(prog="synthetic/pretrain_tower.py", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="baby", help="a named GeoChat config or our config.json (its vision tower is trained)")
+    p.add_argument("--out", required=True, help="CLIP directory to write (created if missing)")
+    p.add_argument("--data-seed", type=int, default=0, help="the dataset seed of `prepare.py scenes`: its training scenes are used")
+    p.add_argument("--n-train", type=int, default=8000, help="training scenes (the first n of the dataset's)")
+    p.add_argument("--n-test", type=int, default=300, help="held-out scenes for the reported metrics")
+    p.add_argument("--object-scale", type=float, default=1.0, help="objects' sizes times this, as in prepare.py scenes")
+    p.add_argument("--steps", type=int, default=800, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=32, help="scenes per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (linear warmup over 5%% of the steps)")
+    p.add_argument("--seed", type=int, default=0, help="init and batch-order seed")
+    return p
+
+
+def main(argv=None):
+    """Entry point: bad input is one line on stderr and exit code 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        for flag, value, low in (("--n-train", args.n_train, 1), ("--n-test", args.n_test, 1), ("--steps", args.steps, 1),
+                                 ("--batch-size", args.batch_size, 1)):
+            if value < low:
+                raise UsageError(f"{flag} must be >= {low}, got {value}")
+        if not 0.5 <= args.object_scale <= 4:
+            raise UsageError(f"--object-scale must be in [0.5, 4], got {args.object_scale}")
+        if not args.lr > 0:
+            raise UsageError(f"--lr must be > 0, got {args.lr}")
+        if args.config not in GEOCHAT_CONFIGS and not Path(args.config).is_file():
+            raise UsageError(f"--config {args.config!r} is neither a known config ({', '.join(GEOCHAT_CONFIGS)}) nor a file")
+        _writable_dir(Path(args.out), "--out")
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    metrics = pretrain(args)
+    print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    main()

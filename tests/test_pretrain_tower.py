@@ -1,0 +1,109 @@
+"""The baby's vision pretraining: per-patch labels, the CLIP directory it writes, and train.py starting from it."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train  # noqa: E402
+from geochat import GeoChat, GeoChatConfig, load_vision_tower  # noqa: E402
+from synthetic import pretrain_tower  # noqa: E402
+from synthetic.scenes import GRID_CELLS, OBJECT_CLASSES, cell_objects, grid_answer, make_scene  # noqa: E402
+from test_train import setup_dir, tiny_config  # noqa: E402,F401  (setup_dir is a fixture)
+
+
+def test_cell_objects_give_the_grid_labels_and_find_every_object_that_fills_a_cell():
+    found = 0
+    for seed in range(60):
+        _, ann = make_scene(seed)
+        cells = cell_objects(ann)
+        assert len(cells) == GRID_CELLS * GRID_CELLS
+        digits = grid_answer(ann)
+        assert digits == "".join("0" if k < 0 else str(OBJECT_CLASSES.index(ann["objects"][k]["class"]) + 1) for k in cells)
+        for k, obj in enumerate(ann["objects"]):
+            x1, y1, x2, y2, _ = obj["grid"]
+            if (x2 - x1) * (y2 - y1) >= 2 * (100 / GRID_CELLS) ** 2:  # covers two cells' area: some cell is its
+                assert k in cells, (seed, obj)
+                found += 1
+    assert found >= 20
+
+
+@pytest.fixture(scope="module")
+def tower_dir(tmp_path_factory):
+    """A tower of test_train's tiny config pretrained for a few steps (its second block written as an identity)."""
+    root = tmp_path_factory.mktemp("tower")
+    (root / "config.json").write_text(json.dumps(tiny_config().to_dict()))
+    out = root / "clip"
+    pretrain_tower.main(["--config", str(root / "config.json"), "--out", str(out), "--n-train", "8", "--n-test", "4",
+                         "--steps", "3", "--batch-size", "4", "--lr", "1e-2"])
+    return out
+
+
+def test_pretrained_tower_is_a_clip_directory_hf_reads_with_our_features(tower_dir):
+    transformers = pytest.importorskip("transformers")
+    metrics = json.loads((tower_dir / "pretrain_metrics.json").read_text())
+    assert set(metrics) >= {"object_patch_acc", "ground_patch_acc", "box_error_grid", "steps"}
+    hf, info = transformers.CLIPVisionModel.from_pretrained(tower_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    model = GeoChat(tiny_config())
+    load_vision_tower(model, tower_dir)
+    images = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        ours = model.vision(images)
+        states = hf.eval()(pixel_values=images, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(ours, states[-2][:, 1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(states[-1], states[-2])  # the unused last block is an identity
+
+
+def test_config_with_vision_tower_starts_from_it_and_keeps_it_frozen(setup_dir, tower_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    train.main(["--config", str(setup_dir["config"]), "--vision-tower", str(tower_dir), "--tokenizer", str(setup_dir["tokenizer"]),
+                "--data", str(setup_dir["data"]), "--image-folder", str(setup_dir["images"]), "--out", str(out), "--device", "cpu",
+                "--mode", "full", "--max-steps", "2", "--global-batch", "4", "--batch-size", "2", "--lr", "1e-2",
+                "--dtype", "float32"])
+    saved = load_file(str(out / "model.safetensors"))
+    pretrained = GeoChat(tiny_config())
+    load_vision_tower(pretrained, tower_dir)
+    for key, value in pretrained.vision.state_dict().items():
+        assert torch.equal(saved["vision." + key], value), key  # loaded, then frozen
+    fresh = GeoChat(tiny_config())
+    train.init_weights(fresh, 0)
+    assert not torch.equal(saved["vision.blocks.0.attn.q_proj.weight"], fresh.vision.blocks[0].attn.q_proj.weight)
+    assert not torch.equal(saved["llm.layers.0.attn.q_proj.weight"], fresh.llm.layers[0].attn.q_proj.weight)  # the rest learned
+
+
+def test_a_tower_of_another_shape_is_refused_in_one_line(setup_dir, tower_dir, tmp_path, capsys):  # noqa: F811
+    other = tiny_config()
+    other.vision.width = 48
+    with pytest.raises(ValueError, match="differs from the model's"):
+        load_vision_tower(GeoChat(other), tower_dir)
+    config = tmp_path / "other.json"
+    config.write_text(json.dumps(other.to_dict()))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--config", str(config), "--vision-tower", str(tower_dir), "--tokenizer", str(setup_dir["tokenizer"]),
+                    "--data", str(setup_dir["data"]), "--image-folder", str(setup_dir["images"]), "--out", str(tmp_path / "o"),
+                    "--device", "cpu", "--mode", "full", "--max-steps", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "differs from the model's" in err[0]
+    with pytest.raises(SystemExit) as e:
+        train.main(["--config", str(config), "--vision-tower", str(tmp_path), "--tokenizer", str(setup_dir["tokenizer"]),
+                    "--data", str(setup_dir["data"]), "--image-folder", str(setup_dir["images"]), "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "not a CLIP directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--object-scale", "9"], "--object-scale must be in"),
+    (["--config", "nope"], "neither a known config"),
+])
+def test_pretrain_tower_refuses_bad_input(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        pretrain_tower.main(["--out", str(tmp_path / "t"), *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
