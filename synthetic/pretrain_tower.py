@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import preprocess_image  # noqa: E402
-from geochat import CLIP_KEYS, GEOCHAT_CONFIGS, GeoChat, GeoChatConfig, unmap_keys  # noqa: E402
+from geochat import CLIP_KEYS, GeoChat, GeoChatConfig, unmap_keys  # noqa: E402
 from synthetic.prepare import UsageError, _writable_dir, image_seed  # noqa: E402
 from synthetic.scenes import OBJECT_CLASSES, cell_objects, make_scene  # noqa: E402
-from train import init_weights  # noqa: E402
+from train import UsageError as ConfigError, init_weights, load_config  # noqa: E402
 from vit import VisionTower  # noqa: E402
 
 GROUND_WEIGHT = 0.2  # most patches are ground: their class loss counts this much
@@ -120,13 +120,9 @@ def fit(tower, head, images, classes, boxes, steps, batch_size, lr, progress=Tru
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
 
 
-def pretrain(args) -> dict:
-    """Train the tower, write it to args.out, return the held-out metrics."""
+def pretrain(args, cfg: GeoChatConfig) -> dict:
+    """Train cfg's tower, write it to args.out, return the held-out metrics."""
     torch.manual_seed(args.seed)
-    if args.config in GEOCHAT_CONFIGS:
-        cfg = GeoChatConfig.from_name(args.config)
-    else:
-        cfg = GeoChatConfig.from_dict(json.loads(Path(args.config).read_text()))
     model = GeoChat(cfg)
     init_weights(model, args.seed)  # the same start as a scratch tower in train.py (sine-cosine position rows)
     tower = model.vision.float().train()
@@ -169,13 +165,12 @@ def main(argv=None):
             raise UsageError(f"--object-scale must be in [0.5, 4], got {args.object_scale}")
         if not args.lr > 0:
             raise UsageError(f"--lr must be > 0, got {args.lr}")
-        if args.config not in GEOCHAT_CONFIGS and not Path(args.config).is_file():
-            raise UsageError(f"--config {args.config!r} is neither a known config ({', '.join(GEOCHAT_CONFIGS)}) nor a file")
+        cfg = load_config(args.config)
         _writable_dir(Path(args.out), "--out")
-    except UsageError as e:
+    except (UsageError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    metrics = pretrain(args)
+    metrics = pretrain(args, cfg)
     print(json.dumps(metrics))
 
 
