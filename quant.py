@@ -21,7 +21,8 @@ Kernels (`QuantLinear.forward`), chosen by device and by rows M = batch x tokens
   the activations are bfloat16 and the CPU has AMX (prefill_dtype: bf16 GEMMs are slower than float32 on
   AVX2, which emulates bf16, and also on AVX512-BF16 without AMX).
 - CUDA / MPS: gpt-fast's form, `F.linear(x, w.to(x.dtype)) * scale` (int8) or dequantise-then-linear
-  (int4), which torch.compile fuses into the matmul's prologue.
+  (int4), which torch.compile fuses into the matmul's prologue; compiled int8 decode (up to GPU_FUSED_DECODE_ROWS
+  rows) is written as a multiply-reduce, which inductor fuses into one kernel reading the int8 weight.
 The same per-phase rule serves bf16 / fp16 storage without quantisation: on such CPUs `sample.load` makes every
 plain linear a `Float32PrefillLinear` (decode in the stored dtype, prefill cast to float32).
 """
@@ -37,6 +38,7 @@ DEFAULT_GROUP_SIZE = 128
 # 50 / 101 ms cast to float32 at 64 / 256 rows (a one-off timing loop on one core of this project's AVX512 CPU;
 # bench_quant.py --kernels times 1, 16 and 1330 rows).
 DECODE_MAX_ROWS = 128
+GPU_FUSED_DECODE_ROWS = 8  # compiled GPU int8 calls of up to this many rows run as one fused multiply-reduce
 ATEN_INT4_GROUP_SIZES = (32, 64, 128, 256)  # group sizes _weight_int4pack_mm_for_cpu accepts
 DECODER_LINEARS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -211,6 +213,11 @@ class QuantLinear(nn.Module):
         rows = x.numel() // self.in_features
         if x.device.type != "cpu":  # gpt-fast's form: torch.compile fuses the cast and scale into the matmul
             if self.mode == "int8":
+                if rows <= GPU_FUSED_DECODE_ROWS and torch.compiler.is_compiling():
+                    # compiled decode: one reduction kernel reading the int8 weight (inductor of torch 2.11 fails to
+                    # build the mm form below inside the decode step: AssertionError on an ir.Pointwise input)
+                    out = (x[..., None, :] * self.weight.to(x.dtype)).sum(-1, dtype=torch.float32)  # (..., 1, N, K) -> (..., N)
+                    return (out * self.weight_scale).to(x.dtype)
                 return F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
             return F.linear(x, self.dequantized(x.dtype))
         if rows <= DECODE_MAX_ROWS and self.kernel_scales is not None:

@@ -138,4 +138,4 @@ def hf_logits(model, ids_with_placeholder: torch.Tensor, images: torch.Tensor, a
     """HF logits for our (B, T) ids holding -200 once per row."""
     input_ids, mask = hf_inputs(model, ids_with_placeholder, attention_mask)
     with torch.no_grad():
-        return model(input_ids=input_ids, pixel_values=images, attention_mask=mask).logits
+        return model(input_ids=input_ids.to(images.device), pixel_values=images, attention_mask=mask.to(images.device)).logits

@@ -27,9 +27,9 @@ def test_dry_run_runs_every_row_on_cpu():
     assert passing == {"policy, one process: dtypes in forward, grads"}
     assert "bfloat16', 'bfloat16', 'bfloat16" in rows["policy, FSDP2 group of one: dtypes, grads, checkpoint"]["figure"]
     assert "round trip equal" in rows["policy, FSDP2 group of one: dtypes, grads, checkpoint"]["figure"]
-    assert "3 of 3" in rows["greedy: 3 left-padded rows = each alone"]["figure"]
+    assert "3 of 3" in rows["greedy: 3 left-padded rows = each alone (fp32)"]["figure"]
     compiled = [row for row in rows.values() if "compiled" in row["check"]]
-    assert len(compiled) == 2 and {row["status"] for row in compiled} == {"skip"}  # --compile adds them on CPU
+    assert len(compiled) == 3 and {row["status"] for row in compiled} == {"skip"}  # --compile adds them on CPU
     assert {row["status"] for row in rows.values()} == {"pass", "skip-cpu", "info", "skip"}
 
 
