@@ -141,7 +141,10 @@ class Engine:
         if compile:
             # The step costs microseconds of arithmetic and many launches: CUDA graphs remove the launch
             # overhead on GPU; on CPU a C++ wrapper around the generated kernels removes the Python one.
-            how = {"cuda": dict(mode="reduce-overhead"), "cpu": dict(options={"cpp_wrapper": True})}.get(self.device.type, {})
+            # On GPU also gpt-fast's coordinate-descent tuning of the generated kernels (decode is weight-reading
+            # reductions, whose default launch configs leave bandwidth unused).
+            how = {"cuda": dict(options={"triton.cudagraphs": True, "coordinate_descent_tuning": True}),
+                   "cpu": dict(options={"cpp_wrapper": True})}.get(self.device.type, {})
             self.compiled_step = torch.compile(decode_step, fullgraph=True, dynamic=False, **how)
 
     def prompt_ids(self, user_text: str) -> list:
