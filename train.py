@@ -86,7 +86,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
-from data import SKIP_REASONS, InstructDataset, ShardedSampler, Tokenizer, collate
+from data import SKIP_REASONS, TEMPLATES, InstructDataset, ShardedSampler, Tokenizer, collate
 from geochat import DTYPES, GEOCHAT_CONFIGS, IGNORE_INDEX, IMAGE_TOKEN_ID, NATIVE_FORMAT, GeoChat, GeoChatConfig, load_vision_tower
 
 MODES = ("lora", "projector", "full")
@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-ratio", type=float, default=0.03,
                    help="linear warmup over ceil(ratio x steps) steps, then cosine to 0")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of matrices (not biases, norms)")
+    p.add_argument("--template", choices=sorted(TEMPLATES), default="vicuna_v1",
+                   help="conversation template of the training prompts: vicuna_v1 (\"curious user\") as the reference "
+                        "trains; llava_v1 (\"curious human\") is what sample.py and eval.py ask with, for a model "
+                        "trained from scratch that has never seen the word \"human\" (Baby GeoChat)")
     p.add_argument("--max-length", type=int, default=2048,
                    help="text ids kept per sample (the reference's model_max_length), the <image> placeholder counted "
                         "as one; the image features come on top")
@@ -769,7 +773,7 @@ def setup(args, rank, world, device):
         raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary only {cfg.llm.vocab_size}")
     # the reference truncates the text ids (the placeholder one id) at model_max_length; the image features come on top
     dataset = InstructDataset(args.data, args.image_folder, tokenizer, image_size=cfg.image_size,
-                              max_length=args.max_length, n_image_tokens=1)
+                              max_length=args.max_length, n_image_tokens=1, template=args.template)
     if len(dataset) < args.global_batch:
         raise UsageError(f"{args.data} has {len(dataset)} samples, fewer than one global batch ({args.global_batch})")
     return out, ckpt, tokenizer, tokenizer_path, model, dataset

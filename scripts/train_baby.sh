@@ -3,7 +3,8 @@
 # Usage: bash scripts/train_baby.sh [WORK_DIR]   (training: 29.6 min on 2 cores with bf16 autocast; the data is deterministic)
 # DTYPE=auto (default) trains in bf16 only on CPUs with native bf16 (AVX512-BF16 or AMX), in float32 elsewhere.
 # The shipped checkpoint came from this recipe at commit 44fd4ec; since then the scene question took
-# GeoChat-Bench's wording (so the tokenizer differs) and scratch towers start from sine-cosine position
+# GeoChat-Bench's wording (so the tokenizer differs), "all Xs" records the referring bench's ([grounding]all Xs),
+# and scratch towers start from sine-cosine position
 # rows (train.init_weights): a rerun trains a similar, not the same, model.
 set -euo pipefail
 cd "$(dirname "$0")/.."

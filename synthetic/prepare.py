@@ -121,15 +121,23 @@ def write_dataset(out_dir, n_train_images, n_test_images, seed=0, size=128, reco
     return paths
 
 
-def train_tokenizer(corpus, out_model, vocab_size=2000):
-    """Train a Llama-style SentencePiece BPE tokenizer.model (unk 0, bos 1, eos 2, byte fallback); returns (path, pieces)."""
+BOX_VALUE_PIECES = tuple("<%d>" % v for v in range(101))  # every value a box string holds: 0-100 grid, θ 0-89
+
+
+def train_tokenizer(corpus, out_model, vocab_size=2000, box_pieces=False):
+    """Train a Llama-style SentencePiece BPE tokenizer.model (unk 0, bos 1, eos 2, byte fallback); returns (path, pieces).
+
+    box_pieces: each box value "<0>" ... "<100>" becomes one piece of its own (a box is then 8 pieces, its values
+    read as 101-way choices, instead of 16 with one digit a piece as in Llama's tokenizer).
+    """
     out_model = Path(out_model)
     out_model.parent.mkdir(parents=True, exist_ok=True)
+    extra = {"user_defined_symbols": list(BOX_VALUE_PIECES)} if box_pieces else {}
     sentencepiece.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(out_model.with_suffix("")), model_type="bpe", vocab_size=vocab_size,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, split_digits=True, add_dummy_prefix=True,
         normalization_rule_name="identity", hard_vocab_limit=False, remove_extra_whitespaces=False, character_coverage=1.0,
-        max_sentence_length=100000, minloglevel=2,
+        max_sentence_length=100000, minloglevel=2, **extra,
     )
     out_model.with_suffix(".vocab").unlink(missing_ok=True)
     pieces = sentencepiece.SentencePieceProcessor(model_file=str(out_model)).get_piece_size()
@@ -182,13 +190,15 @@ def tokenizer_main(args):
         raise UsageError(f"--corpus {corpus}: no such file")
     if corpus.stat().st_size == 0:
         raise UsageError(f"--corpus {corpus}: the file is empty")
-    if args.vocab_size < MIN_VOCAB_SIZE:
-        raise UsageError(f"--vocab-size must be >= {MIN_VOCAB_SIZE} (256 byte pieces come first), got {args.vocab_size}")
+    least = MIN_VOCAB_SIZE + (len(BOX_VALUE_PIECES) if args.box_pieces else 0)
+    if args.vocab_size < least:
+        raise UsageError(f"--vocab-size must be >= {least} (256 byte pieces come first"
+                         f"{', then the 101 box values' if args.box_pieces else ''}), got {args.vocab_size}")
     out = Path(args.out)
     if out.is_dir():
         raise UsageError(f"--out {out}: is a directory; give the tokenizer.model file to write")
     _writable_dir(out.parent, "--out")
-    path, pieces = train_tokenizer(corpus, out, args.vocab_size)
+    path, pieces = train_tokenizer(corpus, out, args.vocab_size, args.box_pieces)
     print(f"wrote {path} ({pieces} pieces)")
     if pieces < args.vocab_size:
         print(f"note: the corpus only supports {pieces} pieces, fewer than --vocab-size {args.vocab_size}", file=sys.stderr)
@@ -221,6 +231,8 @@ def build_parser():
     t.add_argument("--corpus", required=True, help="text file, one sentence per line (scenes writes corpus.txt)")
     t.add_argument("--out", required=True, help="tokenizer.model file to write")
     t.add_argument("--vocab-size", type=int, default=2000, help="pieces to learn (fewer if the corpus is small)")
+    t.add_argument("--box-pieces", action="store_true", help="one piece for each box value <0> ... <100> (Baby GeoChat's "
+                   "tokenizer: a box coordinate is one token, not one or two digits)")
     t.set_defaults(func=tokenizer_main)
     return p
 

@@ -6,7 +6,10 @@ GeoChat starts from a pretrained CLIP tower and keeps it frozen; a tower trained
 decoder's answers never becomes readable (README, "Why it does not find objects"). This script gives the
 baby the same start: the tower alone learns, for every patch of its selected layer, which object class
 covers the patch (`scenes.cell_objects`, the grid task's labels) and that object's box in GeoChat's numbers
-(x1, y1, x2, y2 on the 0-100 grid and the angle), through a linear head that is then thrown away.
+(x1, y1, x2, y2 on the 0-100 grid and the angle), through a linear head that is then thrown away. The box
+is learned twice: as five regressed numbers, and as five 101-way choices (soft targets around the true
+value), so that each value is also place-coded in the features, the form in which the decoder must emit it
+(one token per value with `prepare.py tokenizer --box-pieces`).
 The scenes are the dataset's own training scenes (the same seeds as `prepare.py scenes --seed`), rendered
 in memory. DIR becomes an HF `CLIPVisionModel` directory (config.json + model.safetensors) that
 `train.py --config baby --vision-tower DIR` starts from, frozen like the reference's CLIP.
@@ -33,6 +36,12 @@ from vit import VisionTower  # noqa: E402
 GROUND_WEIGHT = 0.2  # most patches are ground: their class loss counts this much
 BOX_WEIGHT = 5.0     # the box regression's weight against the class loss
 ANGLE_RANGE = 90.0   # GeoChat's angles lie in [0, 90)
+BOX_VALUES = 101     # a box value as a choice: 0-100 on the grid, 0-89 for the angle
+VALUE_SIGMA = 1.5    # the choice's soft target: a Gaussian of this many values around the true one
+VALUE_WEIGHT = 1.0   # its weight against the class loss
+N_CLASSES = 1 + len(OBJECT_CLASSES)  # ground first
+HEAD_OUTPUTS = N_CLASSES + 5 + 5 * BOX_VALUES  # class logits, regressed box, the five values' logits
+VALUE_SCALE = torch.tensor([100.0, 100.0, 100.0, 100.0, ANGLE_RANGE])  # normalised box -> integer values
 
 
 def render(seed: int, split: int, n: int, size: int, grid: int, object_scale: float = 1.0):
@@ -56,32 +65,48 @@ def render(seed: int, split: int, n: int, size: int, grid: int, object_scale: fl
     return images, classes, boxes, anns
 
 
+def value_targets(boxes: torch.Tensor) -> torch.Tensor:
+    """Normalised boxes (n, 5) -> soft targets (n, 5, BOX_VALUES) around each integer value."""
+    values = (boxes * VALUE_SCALE).round()  # (n, 5)
+    grid = torch.arange(BOX_VALUES, dtype=boxes.dtype)
+    target = torch.exp(-0.5 * ((grid - values[..., None]) / VALUE_SIGMA) ** 2)  # (n, 5, BOX_VALUES)
+    return target / target.sum(-1, keepdim=True)
+
+
 def patch_loss(head, feats, classes, boxes):
-    """Class cross-entropy (ground down-weighted) plus L1 box error on the object patches."""
-    out = head(feats)  # (B, P, 1 + n_classes + 5)
-    n_cls = 1 + len(OBJECT_CLASSES)
-    weight = torch.ones(n_cls)
+    """Class cross-entropy (ground down-weighted), plus on the object patches the L1 box error and the
+    cross-entropy of each box value's choice."""
+    out = head(feats)  # (B, P, HEAD_OUTPUTS)
+    weight = torch.ones(N_CLASSES)
     weight[0] = GROUND_WEIGHT
-    cls_loss = F.cross_entropy(out[..., :n_cls].flatten(0, 1), classes.flatten(), weight=weight)
+    cls_loss = F.cross_entropy(out[..., :N_CLASSES].flatten(0, 1), classes.flatten(), weight=weight)
     on = classes > 0
-    box_loss = (out[..., n_cls:][on] - boxes[on]).abs().mean() if on.any() else out.sum() * 0
-    return cls_loss + BOX_WEIGHT * box_loss
+    if not on.any():
+        return cls_loss + out.sum() * 0
+    obj = out[on]  # (n, HEAD_OUTPUTS)
+    box_loss = (obj[:, N_CLASSES:N_CLASSES + 5] - boxes[on]).abs().mean()
+    logits = obj[:, N_CLASSES + 5:].view(-1, 5, BOX_VALUES)  # (n, 5, BOX_VALUES)
+    value_loss = -(value_targets(boxes[on]) * logits.log_softmax(-1)).sum(-1).mean()
+    return cls_loss + BOX_WEIGHT * box_loss + VALUE_WEIGHT * value_loss
 
 
 @torch.no_grad()
 def evaluate(tower, head, images, classes, boxes, batch=64):
-    """Held-out: class accuracy on object patches and on ground patches, mean box error in grid units on object patches."""
-    n_cls = 1 + len(OBJECT_CLASSES)
-    preds, regs = [], []
+    """Held-out: class accuracy on object patches and on ground patches; on object patches, the mean error in grid
+    units of the regressed box and of the chosen box values (x1, y1, x2, y2)."""
+    preds, regs, picks = [], [], []
     for a in range(0, len(images), batch):
-        out = head(tower(images[a:a + batch].float()))
-        preds.append(out[..., :n_cls].argmax(-1))
-        regs.append(out[..., n_cls:])
-    pred, reg = torch.cat(preds), torch.cat(regs)
+        out = head(tower(images[a:a + batch].float()))  # (b, P, HEAD_OUTPUTS)
+        preds.append(out[..., :N_CLASSES].argmax(-1))
+        regs.append(out[..., N_CLASSES:N_CLASSES + 5])
+        picks.append(out[..., N_CLASSES + 5:].unflatten(-1, (5, BOX_VALUES)).argmax(-1))  # (b, P, 5)
+    pred, reg, pick = torch.cat(preds), torch.cat(regs), torch.cat(picks)
     on = classes > 0
+    truth = (boxes[on] * VALUE_SCALE).round()
     return {"object_patch_acc": (pred[on] == classes[on]).float().mean().item(),
             "ground_patch_acc": (pred[~on] == 0).float().mean().item(),
-            "box_error_grid": ((reg[on][:, :4] - boxes[on][:, :4]).abs().mean() * 100).item()}
+            "box_error_grid": ((reg[on][:, :4] - boxes[on][:, :4]).abs().mean() * 100).item(),
+            "box_value_error_grid": (pick[on][:, :4] - truth[:, :4]).abs().float().mean().item()}
 
 
 def save_clip_dir(tower: VisionTower, out: Path):
@@ -126,7 +151,7 @@ def pretrain(args, cfg: GeoChatConfig) -> dict:
     model = GeoChat(cfg)
     init_weights(model, args.seed)  # the same start as a scratch tower in train.py (sine-cosine position rows)
     tower = model.vision.float().train()
-    head = torch.nn.Linear(cfg.vision.width, 1 + len(OBJECT_CLASSES) + 5)
+    head = torch.nn.Linear(cfg.vision.width, HEAD_OUTPUTS)
     train = render(args.data_seed, 0, args.n_train, cfg.image_size, tower.grid, args.object_scale)
     test = render(args.data_seed, 1, args.n_test, cfg.image_size, tower.grid, args.object_scale)
     start = time.time()

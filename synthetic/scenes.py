@@ -24,7 +24,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from boxes import Box, box_polygon_grid, format_box, polygon_area, polygon_intersection, polygon_iou  # noqa: E402
 from data import task_prompt  # noqa: E402
-from eval import BENCHES  # noqa: E402
+from eval import BENCHES, question_prompt  # noqa: E402
 
 SCENE_CLASSES = ("farmland", "water", "desert", "urban")
 OBJECT_CLASSES = ("plane", "ship", "storage tank", "vehicle", "building")
@@ -452,9 +452,10 @@ def question_answer(ann, task, rng):
     """One (human prompt, gpt answer) pair of a task for a scene; rng picks the target."""
     if task == "grounding":
         return GROUNDING_PROMPT, grounded_description(ann)
-    if task == "refer":
+    if task == "refer":  # worded as the referring bench asks: "[refer] ..." for one object, "[grounding]all Xs" for several
         expr, ids = rng.choice(refer_targets(ann))
-        return task_prompt("refer", expression=expr), "".join(ann["objects"][i]["box"] for i in ids)
+        prompt = question_prompt("referring", {"question": expr, "type": "ref" if len(ids) == 1 else "grounding"})
+        return prompt, "".join(ann["objects"][i]["box"] for i in ids)
     if task == "identify":
         o = rng.choice(ann["objects"])
         return task_prompt("identify", box=o["box"]), region_caption(o["class"])

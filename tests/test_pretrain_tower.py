@@ -32,6 +32,29 @@ def test_cell_objects_give_the_grid_labels_and_find_every_object_that_fills_a_ce
     assert found >= 20
 
 
+def test_box_values_are_soft_choices_peaked_at_the_true_value_and_the_loss_learns_them():
+    """value_targets: each of the five values a distribution over 0-100 peaked at the true integer; a head fitted on
+    fixed features with patch_loss picks the true values (so the value term trains what the decoder must emit)."""
+    boxes = torch.tensor([[0.10, 0.25, 0.57, 1.00, 45 / 90], [0.0, 0.5, 0.07, 0.33, 0.0]])
+    target = pretrain_tower.value_targets(boxes)  # (2, 5, 101)
+    assert target.shape == (2, 5, pretrain_tower.BOX_VALUES)
+    torch.testing.assert_close(target.sum(-1), torch.ones(2, 5))
+    assert target.argmax(-1).tolist() == [[10, 25, 57, 100, 45], [0, 50, 7, 33, 0]]
+    torch.manual_seed(0)
+    feats = torch.randn(2, 3, 16)  # 2 scenes x 3 patches; patches 0 hold objects
+    classes = torch.tensor([[2, 0, 0], [5, 0, 0]])
+    cell_boxes = torch.zeros(2, 3, 5)
+    cell_boxes[:, 0] = boxes
+    head = torch.nn.Linear(16, pretrain_tower.HEAD_OUTPUTS)
+    opt = torch.optim.Adam(head.parameters(), lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        pretrain_tower.patch_loss(head, feats, classes, cell_boxes).backward()
+        opt.step()
+    picks = head(feats[:, 0])[:, pretrain_tower.N_CLASSES + 5:].unflatten(-1, (5, pretrain_tower.BOX_VALUES)).argmax(-1)
+    assert picks.tolist() == [[10, 25, 57, 100, 45], [0, 50, 7, 33, 0]]
+
+
 @pytest.fixture(scope="module")
 def tower_dir(tmp_path_factory):
     """A tower of test_train's tiny config pretrained for a few steps (its second block written as an identity)."""
@@ -46,7 +69,7 @@ def tower_dir(tmp_path_factory):
 def test_pretrained_tower_is_a_clip_directory_hf_reads_with_our_features(tower_dir):
     transformers = pytest.importorskip("transformers")
     metrics = json.loads((tower_dir / "pretrain_metrics.json").read_text())
-    assert set(metrics) >= {"object_patch_acc", "ground_patch_acc", "box_error_grid", "steps"}
+    assert set(metrics) >= {"object_patch_acc", "ground_patch_acc", "box_error_grid", "box_value_error_grid", "steps"}
     hf, info = transformers.CLIPVisionModel.from_pretrained(tower_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     model = GeoChat(tiny_config())

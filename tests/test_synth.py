@@ -25,6 +25,7 @@ VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
 
 # The opening words of each synthetic task's question (the scene question is matched whole).
 QUESTION_PREFIXES = [("[grounding] ", "grounding"), ("[refer] Give me the location of <p> ", "refer"),
+                     ("[grounding]all ", "refer"),  # several objects: the referring bench's wording
                      ("[identify] What is the object present at {", "identify"), ("Is there a", "presence"),
                      ("How many", "count"), ("Are there more", "comparison")]
 
@@ -206,7 +207,8 @@ def test_grounded_description_and_refer():
         assert sorted(parse_boxes(a)) == sorted(tuple(o["grid"]) for o in ann["objects"])
         if ann["objects"]:
             q, a = question_answer(ann, "refer", random.Random(seed))
-            expr = re.match(r"\[refer\] Give me the location of <p> (.+) </p>$", q).group(1)
+            one = re.match(r"\[refer\] Give me the location of <p> (the .+) </p>$", q)  # as the bench asks
+            expr = one.group(1) if one else re.match(r"\[grounding\](all .+)$", q).group(1)
             boxes = parse_boxes(a)
             assert BOX_RE.sub("", a) == ""
             if expr.startswith("the "):
@@ -323,6 +325,8 @@ def test_prepare_cli_refuses_bad_input(tmp_path):
         (["tokenizer", "--corpus", str(corpus), "--out", str(tmp_path / "t.model"), "--vocab-size", "10"],
          "--vocab-size must be >= 300"),
         (["tokenizer", "--corpus", str(corpus), "--out", str(tmp_path)], "is a directory"),
+        (["tokenizer", "--corpus", str(corpus), "--out", str(tmp_path / "t.model"), "--vocab-size", "350", "--box-pieces"],
+         "--vocab-size must be >= 401"),
     ]
     for argv, message in cases:
         r = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True)
@@ -338,7 +342,7 @@ def test_tokenizer_says_when_the_corpus_gives_fewer_pieces(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("two planes\n" * 50)
     out = tmp_path / "tokenizer.model"
-    tokenizer_main(argparse.Namespace(corpus=str(corpus), out=str(out), vocab_size=2000))
+    tokenizer_main(argparse.Namespace(corpus=str(corpus), out=str(out), vocab_size=2000, box_pieces=False))
     pieces = sentencepiece.SentencePieceProcessor(model_file=str(out)).get_piece_size()
     assert pieces < 2000
     assert f"the corpus only supports {pieces} pieces, fewer than --vocab-size 2000" in capsys.readouterr().err
@@ -388,3 +392,20 @@ def test_object_scale_makes_larger_objects_that_still_fit_and_keeps_scale_one_un
         assert png_bytes(make_scene(seed, object_scale=1.0)[0]) == png_bytes(make_scene(seed)[0])
     small, large = areas(1.0), areas(2.5)
     assert large and sum(large) / len(large) > 3 * sum(small) / len(small)
+
+
+def test_box_pieces_make_each_box_value_one_token(tmp_path):
+    """prepare.py tokenizer --box-pieces: "<0>" ... "<100>" are single pieces; text round-trips exactly."""
+    from data import Tokenizer
+    from synthetic.prepare import BOX_VALUE_PIECES, train_tokenizer, write_dataset
+
+    paths = write_dataset(tmp_path / "synth", n_train_images=6, n_test_images=0, seed=1, records_per_image=2)
+    plain, _ = train_tokenizer(paths["corpus"], tmp_path / "plain.model", vocab_size=500)
+    boxed, _ = train_tokenizer(paths["corpus"], tmp_path / "boxed.model", vocab_size=500, box_pieces=True)
+    text = "The image shows <p>a plane</p> {<45><42><74><100>|<0>}{<7><9><13><88>|<89>}."
+    tok, ref = Tokenizer(boxed), Tokenizer(plain)
+    pieces = [tok.sp.id_to_piece(i) for i in tok.encode(text)]
+    assert {"<45>", "<42>", "<74>", "<100>", "<0>", "<7>", "<89>"} <= set(pieces)
+    assert all(tok.sp.piece_to_id(p) != tok.unk_id for p in BOX_VALUE_PIECES)
+    assert tok.decode(tok.encode(text)) == text == ref.decode(ref.encode(text))
+    assert len(tok.encode(text)) <= len(ref.encode(text)) - 10  # 4 + 1 values a box, one token each

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import lora  # noqa: E402
 import train  # noqa: E402
-from data import InstructDataset, Tokenizer, collate  # noqa: E402
+from data import TEMPLATES, InstructDataset, Tokenizer, collate  # noqa: E402
 from geochat import IGNORE_INDEX, GeoChat, GeoChatConfig  # noqa: E402
 from llama import LlamaConfig  # noqa: E402
 from vit import ViTConfig  # noqa: E402
@@ -434,6 +434,20 @@ def test_max_length_counts_text_ids_with_the_placeholder_once(setup_dir, tmp_pat
         item = dataset[0]  # the tiny model splices 4 image features on top
         assert item["image"] is not None
         assert item["input_ids"].tolist() == whole["input_ids"][:max_length].tolist()
+
+
+def test_template_picks_the_training_prompts_system_line(setup_dir, tmp_path):
+    """--template: vicuna_v1 ("curious user", the reference's training template) by default; llava_v1 ("curious human",
+    what sample.py and eval.py ask with) on request, so a model trained from scratch sees the words it is asked with."""
+    tokenizer = Tokenizer(setup_dir["tokenizer"])
+    seen = {}
+    for extra in ((), ("--template", "llava_v1")):
+        args = train.parse_args(base_args(setup_dir, tmp_path / f"out{len(extra)}", "--global-batch", 4, *extra))
+        item = train.setup(args, 0, 1, torch.device("cpu"))[-1][0]
+        text = tokenizer.decode([i for i in item["input_ids"].tolist() if i >= 0])
+        seen[args.template] = text
+        assert text.startswith(TEMPLATES[args.template].split(".")[0]), text[:80]
+    assert set(seen) == {"vicuna_v1", "llava_v1"} and "human" in seen["llava_v1"] and "human" not in seen["vicuna_v1"]
 
 
 def test_options_have_help_and_defaults_shown():
