@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from geochat import GeoChat, GeoChatConfig  # noqa: E402
-from synthetic.pretrain_tower import fit, render  # noqa: E402
+from synthetic.pretrain_tower import HEAD_OUTPUTS, fit, render  # noqa: E402
 from synthetic.scenes import OBJECT_CLASSES, _presence  # noqa: E402
 from train import init_weights  # noqa: E402
 
@@ -65,7 +65,7 @@ def run(variant, cfg, train, test, args, log, pretrained: dict):
     model.float().train()
     if variant not in ("scratch", "symbolic"):
         if not pretrained:
-            head = torch.nn.Linear(cfg.vision.width, 1 + len(OBJECT_CLASSES) + 5)
+            head = torch.nn.Linear(cfg.vision.width, HEAD_OUTPUTS)
             fit(model.vision, head, *train[:3], args.pretrain_steps, args.batch_size, args.lr, progress=False)
             pretrained.update({k: v.clone() for k, v in model.vision.state_dict().items()})
         model.vision.load_state_dict(pretrained)

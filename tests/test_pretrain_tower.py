@@ -130,3 +130,17 @@ def test_pretrain_tower_refuses_bad_input(tmp_path, capsys, argv, message):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_reading_experiment_runs_its_pretrained_and_symbolic_rows(tmp_path):
+    """scripts/reading_experiment.py at a tiny size: the rows that pretrain a tower (through pretrain_tower's head
+    and loss) and the symbolic row each give a held-out accuracy at step 50."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import reading_experiment
+
+    out = tmp_path / "curves.json"
+    reading_experiment.main(["--variants", "pretrained-frozen,symbolic", "--steps", "50", "--pretrain-steps", "2",
+                             "--n-train", "16", "--n-test", "8", "--batch-size", "4", "--json", str(out)])
+    curves = json.loads(out.read_text())
+    assert set(curves) == {"pretrained-frozen", "symbolic"}
+    assert all(len(c) == 1 and c[0][0] == 50 and 0.0 <= c[0][1] <= 1.0 for c in curves.values())
