@@ -703,6 +703,9 @@ def run_bench(args: argparse.Namespace) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.answers)), exist_ok=True)
     done = {_qid(row) for row in resume_answers(args.answers, args.bench)}
     todo = [q for q in questions if _qid(q) not in done]
+    if done:  # a resume: say so, since answers of another checkpoint in the same file would be kept as they are
+        print(f"{args.answers}: {len(done)} questions answered before are kept and skipped (remove the file to "
+              f"answer them again)", file=sys.stderr)
     if args.limit is not None:
         todo = todo[: max(0, args.limit - len(done))]
     device = sample.pick_device(args.device)

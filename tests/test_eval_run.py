@@ -51,6 +51,8 @@ def test_run_scene_batched_resumable(tiny_checkpoint, tmp_path):
     metrics = json.loads(second.stdout.strip().splitlines()[-1])
     assert metrics["n"] == 4 and metrics["failed"] == 1 and metrics["correct"] == sum(r["answer"] == "forest" for r in rows)
     assert "missing or unreadable images" in second.stderr
+    assert f"{answers}: 2 questions answered before are kept and skipped" in second.stderr  # a resume says so
+    assert "answered before" not in first.stderr
 
 
 def test_batched_answers_equal_one_by_one(tiny_checkpoint, tmp_path):
