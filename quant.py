@@ -216,7 +216,8 @@ class QuantLinear(nn.Module):
                 if rows <= GPU_FUSED_DECODE_ROWS and torch.compiler.is_compiling():
                     # compiled decode: one reduction kernel reading the int8 weight (inductor of torch 2.11 fails to
                     # build the mm form below inside the decode step: AssertionError on an ir.Pointwise input)
-                    out = (x[..., None, :] * self.weight.to(x.dtype)).sum(-1, dtype=torch.float32)  # (..., 1, N, K) -> (..., N)
+                    # (..., 1, K) * (N, K) -> (..., N, K), summed over K -> (..., N)
+                    out = (x[..., None, :] * self.weight.to(x.dtype)).sum(-1, dtype=torch.float32)
                     return (out * self.weight_scale).to(x.dtype)
                 return F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
             return F.linear(x, self.dequantized(x.dtype))
