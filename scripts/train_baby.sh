@@ -1,25 +1,47 @@
 #!/usr/bin/env bash
-# Rebuild Baby GeoChat from nothing on a CPU: synthetic data -> tokenizer -> train.py -> held-out eval -> ship.
-# Usage: bash scripts/train_baby.sh [WORK_DIR]   (training: 29.6 min on 2 cores with bf16 autocast; the data is deterministic)
-# DTYPE=auto (default) trains in bf16 only on CPUs with native bf16 (AVX512-BF16 or AMX), in float32 elsewhere.
-# The shipped checkpoint came from this recipe at commit 44fd4ec; since then the scene question took
-# GeoChat-Bench's wording (so the tokenizer differs), "all Xs" records the referring bench's ([grounding]all Xs),
-# and scratch towers start from sine-cosine position
-# rows (train.init_weights): a rerun trains a similar, not the same, model.
+# Rebuild Baby GeoChat from nothing on a CPU: synthetic data -> tokenizer -> pretrained tower -> two train.py stages
+# -> held-out eval. Usage: bash scripts/train_baby.sh [WORK_DIR]
+#
+# The recipe of the shipped checkpoint (README, "Baby GeoChat"):
+#   1. the vision tower alone (synthetic/pretrain_tower.py): which class covers each patch, and that object's box,
+#      each value also place-coded as a 101-way choice; then frozen, as GeoChat keeps CLIP frozen;
+#   2. train.py on presence, count and [refer] (refer twice as often), every record 2-3 questions about its image;
+#   3. train.py from stage 2 on every task (refer, comparison and identify twice), half the records multi-turn.
+# Box values are single tokenizer pieces (--box-pieces) and the prompts use the llava_v1 template that sample.py
+# and eval.py ask with (--template llava_v1). DTYPE=auto trains in bf16 on CPUs with native bf16; at the baby's
+# widths float32 is the faster choice even there (README), so the default here is float32 on every CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 work=${1:-runs/baby-work}
-steps=${STEPS:-3600}
+dtype=${DTYPE:-float32}
 mkdir -p "$work"
+common=(--mode full --batch-size 16 --global-batch 16 --lr 1e-3 --warmup-ratio 0.03 --dtype "$dtype" --max-length 512
+        --template llava_v1 --compile --save-every 500)
 
-python synthetic/prepare.py scenes --out "$work/data" --n-train 8000 --n-test 300 --seed 0 --size 128
-python synthetic/prepare.py tokenizer --corpus "$work/data/corpus.txt" --out "$work/data/tokenizer.model" --vocab-size 1000
-python train.py --config baby --tokenizer "$work/data/tokenizer.model" --data "$work/data/train.json" \
-    --image-folder "$work/data/images" --out "$work/run" --mode full --batch-size 16 --global-batch 16 \
-    --lr 1e-3 --warmup-ratio 0.03 --max-steps "$steps" --dtype "${DTYPE:-auto}" --max-length 512 --save-every 500 --seed 0
+# data: 8000 training scenes and 300 held-out ones (the bench files), the same scenes for both stages
+python synthetic/prepare.py scenes --out "$work/data" --n-train 8000 --n-test 300 --seed 0 --multi-turn-prob 0
+python synthetic/prepare.py tokenizer --corpus "$work/data/corpus.txt" --out "$work/data/tokenizer.model" \
+    --vocab-size 1000 --box-pieces
+python synthetic/prepare.py scenes --out "$work/reading" --n-train 8000 --n-test 0 --seed 0 --multi-turn-prob 1.0 \
+    --records-per-image 3 --tasks presence,count,refer,refer
+python synthetic/prepare.py scenes --out "$work/all" --n-train 8000 --n-test 0 --seed 0 --multi-turn-prob 0.5 \
+    --records-per-image 5 --tasks refer,refer,presence,count,comparison,comparison,grounding,identify,identify,scene
 
+# 1. the tower
+python synthetic/pretrain_tower.py --config baby --out "$work/tower" --steps 3000
+
+# 2. presence, count, [refer]
+python train.py --config baby --vision-tower "$work/tower" --tokenizer "$work/data/tokenizer.model" \
+    --data "$work/reading/train.json" --image-folder "$work/data/images" --out "$work/stage1" \
+    --max-steps 4000 --seed 0 "${common[@]}"
+
+# 3. every task
+python train.py --checkpoint "$work/stage1" --data "$work/all/train.json" --image-folder "$work/data/images" \
+    --out "$work/run" --max-steps 1000 --seed 3 "${common[@]}"
+
+rm -rf "$work/answers"  # eval.py run resumes into an answers file: never mix a rerun's answers with an older model's
 for bench in scene vqa referring region_captioning; do
     python eval.py run --bench "$bench" --questions "$work/data/$bench.jsonl" --image-folder "$work/data/images" \
         --checkpoint "$work/run" --answers "$work/answers/$bench.jsonl" --batch-size 32 --device cpu
 done
-python scripts/plot_loss.py "$work/run/metrics.jsonl" "$work/loss.png"
+python scripts/plot_loss.py "$work/stage1/metrics.jsonl" "$work/run/metrics.jsonl" "$work/loss.png"

@@ -62,3 +62,26 @@ def test_baby_position_embeddings_go_through_the_interpolation_path(tmp_path):
     assert torch.equal(model.vision.pos_embed, interpolate_pos_embed(base.vision.pos_embed, 12))
     ids = torch.tensor([[1, -200, 5, 6]])
     assert model(ids, torch.zeros(1, 3, 192, 192)).shape == (1, 3 + 144, model.cfg.llm.vocab_size)
+
+
+def test_train_baby_script_passes_only_flags_its_scripts_accept():
+    """Every python command of scripts/train_baby.sh parses with its script's own argument parser."""
+    import re
+    import shlex
+
+    import eval as eval_cli
+    import train
+    from synthetic import prepare, pretrain_tower
+
+    parsers = {"train.py": train.build_parser(), "eval.py": eval_cli.build_parser(),
+               "synthetic/prepare.py": prepare.build_parser(), "synthetic/pretrain_tower.py": pretrain_tower.build_parser()}
+    text = (ROOT / "scripts" / "train_baby.sh").read_text().replace("\\\n", " ")
+    common = re.search(r"^common=\((.*?)\)$", text, re.S | re.M).group(1)
+    text = text.replace('"${common[@]}"', " ".join(common.split())).replace("$work", "W").replace("$dtype", "float32")
+    text = text.replace("$bench", "scene")
+    commands = [shlex.split(line.strip()) for line in text.splitlines() if line.strip().startswith("python ")]
+    assert sum(c[1] == "train.py" for c in commands) == 2 and any(c[1] == "synthetic/pretrain_tower.py" for c in commands)
+    for command in commands:
+        if command[1] == "scripts/plot_loss.py":
+            continue
+        parsers[command[1]].parse_args(command[2:])  # argparse exits (failing the test) on an unknown or bad flag

@@ -89,7 +89,7 @@ def logit_agreement(reference, candidate):
 
 
 # mode: (most max |dlogit| / max |logit|, least top-1 agreement); measured 0.0084 / 0.975 and 0.110 / 0.850 on the small
-# config, 0.0063 / 0.982 and 0.059 / 0.965 on the baby (printed with pytest -s)
+# config, 0.0118 / 0.980 and 0.090 / 0.916 on the baby (printed with pytest -s)
 SMALL_BOUNDS = {"int8": (0.02, 0.95), "int4": (0.15, 0.80)}
 BABY_BOUNDS = {"int8": (0.02, 0.97), "int4": (0.10, 0.90)}
 
@@ -154,8 +154,8 @@ def test_baby_logits_follow_float32(mode, baby_float, baby_int8, baby_examples):
 def test_baby_int8_greedy_answers_differ_only_at_near_ties(baby_float, baby_int8, baby_examples):
     """int8 gives the float32 tokens, or leaves them where float32's two best logits lie closer than int8's logit error.
 
-    Measured on the shipped examples: 4 of 6 answers identical; the refer answer's second token and the 'Is there a
-    ship' yes/no flip where float32's margin is 0.003 / 0.001 logits and int8 moves logits by about 0.02.
+    Measured on the shipped examples: 5 of 6 answers identical; the grounding answer leaves float32's tokens at token 21,
+    where float32's two best logits lie 0.001 apart and int8 moves logits by up to 0.04.
     """
     same = 0
     for example in baby_examples:
@@ -311,7 +311,8 @@ def test_interactive_chat_runs_quantised(monkeypatch, capsys):
                         "What is in the image?", "--max-new-tokens", "6", "--interactive", "--quantize", "int4"]) or 0
     out, err = capsys.readouterr()
     assert code == 0, err
-    assert len(re.findall(r"ASSISTANT: (.+)", out)) == 2
+    answers = re.findall(r"ASSISTANT: ?(.*)", out)  # the baby may answer the untrained first question with nothing
+    assert len(answers) == 2 and answers[-1], out
 
 
 def test_bfloat16_storage_prefills_in_float32_where_bf16_gemms_are_slow(baby_examples):
