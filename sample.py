@@ -298,6 +298,21 @@ def label_origin(anchor, text_size, image_size, gap=2):
     return min(max(0, x), max(0, width - text_w)), min(max(0, top), max(0, height - text_h))
 
 
+def place_label(origin, text_size, image_size, taken: list):
+    """origin moved down or up by whole label heights, nearest first, to the first spot inside the image where the label
+    overlaps none of the `taken` (left, top, right, bottom) rectangles; origin itself when there is none."""
+    (x, y), (text_w, text_h), height = origin, text_size, image_size[1]
+
+    def free(top):
+        return all(top + text_h <= t or top >= b or x + text_w <= l or x >= r for l, t, r, b in taken)
+
+    for k in range(height // (text_h + 1) + 1):
+        for top in (y + k * (text_h + 1), y - k * (text_h + 1)):
+            if 0 <= top <= height - text_h and free(top):
+                return x, top
+    return x, y
+
+
 def draw_boxes(image, boxes: list):
     """A copy of the image, resized for display (display_scale), with each rotated box and its label drawn on it."""
     canvas = image.convert("RGB")
@@ -309,7 +324,7 @@ def draw_boxes(image, boxes: list):
     thickness = max(2, round(max(canvas.size) / 400))
     font = ImageFont.load_default(size=min(LABEL_MAX_PX, max(LABEL_MIN_PX, round(min(canvas.size) / 32))))
     pad = max(1, thickness // 2)
-    colours = {}
+    colours, taken = {}, []  # taken: the label rectangles drawn so far, which later labels must not cover
     for box in boxes:
         colour = colours.setdefault(box["label"], PALETTE[len(colours) % len(PALETTE)])
         points = [(x * scale, y * scale) for x, y in box["polygon"]]
@@ -318,6 +333,8 @@ def draw_boxes(image, boxes: list):
             left, top, right, bottom = draw.textbbox((0, 0), box["label"], font=font)
             text_size = (right - left + 2 * pad, bottom - top + 2 * pad)
             x, y = label_origin(min(points, key=lambda p: (p[1], p[0])), text_size, canvas.size)
+            x, y = place_label((x, y), text_size, canvas.size, taken)
+            taken.append((x, y, x + text_size[0], y + text_size[1]))
             draw.rectangle((x, y, x + text_size[0] - 1, y + text_size[1] - 1), fill=colour)
             draw.text((x + pad - left, y + pad - top), box["label"], fill="black", font=font)
     return canvas

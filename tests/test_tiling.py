@@ -213,6 +213,19 @@ def test_label_origin_moves_labels_inside():
     assert sample.label_origin((-5, 600), (80, 20), (512, 512)) == (0, 492)
 
 
+def test_labels_never_cover_each_other():
+    # three boxes with one label at one anchor (a grounded "three ships" answer): stacked below, then above, inside
+    taken = []
+    for _ in range(3):
+        x, y = sample.place_label((100, 100), (80, 20), (512, 512), taken)
+        taken.append((x, y, x + 80, y + 20))
+    assert taken == [(100, 100, 180, 120), (100, 121, 180, 141), (100, 79, 180, 99)]
+    assert sample.place_label((100, 492), (80, 20), (512, 512), [(100, 492, 180, 512)]) == (100, 471)  # no room below
+    assert sample.place_label((300, 100), (80, 20), (512, 512), taken) == (300, 100)  # beside the others: unmoved
+    full = [(0, 0, 512, 512)]
+    assert sample.place_label((10, 10), (80, 20), (512, 512), full) == (10, 10)  # no free spot: where it was
+
+
 # ---------------------------------------------------------------------------------------------
 # the command line on a tiny random model
 
