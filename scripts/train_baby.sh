@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild Baby GeoChat from nothing on a CPU: synthetic data -> tokenizer -> pretrained tower -> two train.py stages
-# -> held-out eval. Usage: bash scripts/train_baby.sh [WORK_DIR]
+# -> held-out eval. Usage: bash scripts/train_baby.sh [WORK_DIR]   (52.9 min on a 2-core AVX512 CPU, where its
+# run/model.safetensors came out equal, bit for bit, to checkpoints/baby-geochat/model.safetensors)
 #
 # The recipe of the shipped checkpoint (README, "Baby GeoChat"):
 #   1. the vision tower alone (synthetic/pretrain_tower.py): which class covers each patch, and that object's box,
