@@ -28,7 +28,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import preprocess_image  # noqa: E402
 from geochat import CLIP_KEYS, GeoChat, GeoChatConfig, unmap_keys  # noqa: E402
-from synthetic.prepare import UsageError, _writable_dir, image_seed  # noqa: E402
+from synthetic.prepare import BOX_VALUE_PIECES, UsageError, _writable_dir, image_seed  # noqa: E402
 from synthetic.scenes import OBJECT_CLASSES, cell_objects, make_scene  # noqa: E402
 from train import UsageError as ConfigError, init_weights, load_config  # noqa: E402
 from vit import VisionTower  # noqa: E402
@@ -36,7 +36,7 @@ from vit import VisionTower  # noqa: E402
 GROUND_WEIGHT = 0.2  # most patches are ground: their class loss counts this much
 BOX_WEIGHT = 5.0     # the box regression's weight against the class loss
 ANGLE_RANGE = 90.0   # GeoChat's angles lie in [0, 90)
-BOX_VALUES = 101     # a box value as a choice: 0-100 on the grid, 0-89 for the angle
+BOX_VALUES = len(BOX_VALUE_PIECES)  # a box value as a choice, one per tokenizer piece: 0-100 on the grid, 0-89 for the angle
 VALUE_SIGMA = 1.5    # the choice's soft target: a Gaussian of this many values around the true one
 VALUE_WEIGHT = 1.0   # its weight against the class loss
 N_CLASSES = 1 + len(OBJECT_CLASSES)  # ground first
