@@ -114,6 +114,12 @@ class Session:
         self.length = end
         return logits
 
+    def undo_decode(self):
+        """Forget the last token decode() fed: its slot counts as empty again and is overwritten by the next one."""
+        self.length -= 1
+        self.key_valid[:, self.length] = False
+        self.next_position -= 1
+
     def decode(self, tokens):
         """Feed one token per row (B,); return the next logits (B, V)."""
         if self.length >= self.capacity:
@@ -133,9 +139,13 @@ class Session:
 class Engine:
     """Greedy or sampled generation for a loaded GeoChat and its tokenizer."""
 
-    def __init__(self, model: GeoChat, tokenizer: data.Tokenizer, compile: bool = False):
+    def __init__(self, model: GeoChat, tokenizer: data.Tokenizer, compile: bool = False, decode_ahead=None):
         self.model, self.tokenizer = model, tokenizer
         self.device = model.llm.embed_tokens.weight.device
+        # Decode ahead: queue step t+1 on the GPU before the host reads step t's tokens (to stop at </s>), so the GPU
+        # never waits for the host; a step queued past the end is undone. Default on CUDA, where kernels run
+        # asynchronously; on CPU nothing overlaps and the extra step would only cost time.
+        self.decode_ahead = self.device.type == "cuda" if decode_ahead is None else decode_ahead
         self.context = model.cfg.llm.max_seq_len
         self.compiled_step = None
         if compile:
@@ -201,12 +211,25 @@ class Engine:
             tokens = sample_next(logits, temperature, top_k, top_p, generator).masked_fill(~finite, NON_FINITE)
             if finished is not None:
                 tokens = torch.where(finished, filler, tokens)
-            ids = tokens.tolist()
+            ahead = self.decode_ahead and step < budget - 1
+            if ahead:  # the tokens fed are the same whatever the host finds below: queue the next step now
+                host_tokens = tokens.to("cpu", non_blocking=True)  # copied before the next step runs, not after it
+                copied = torch.cuda.Event() if tokens.is_cuda else None
+                if copied is not None:
+                    copied.record()
+                next_logits = session.decode(tokens.clamp_min(0))  # a NON_FINITE row feeds a valid id: undone below
+                if copied is not None:
+                    copied.synchronize()  # waits for this step's tokens only, not for the step queued after them
+                ids = host_tokens.tolist()
+            else:
+                ids = tokens.tolist()
             stopped = False
             for b, t in enumerate(ids):
                 if done[b]:
                     continue
                 if t == NON_FINITE:
+                    if ahead:
+                        session.undo_decode()
                     where = "after the prompt" if step == 0 else f"at step {step + 1} of the answer"
                     raise NonFiniteLogits(f"the model's logits are NaN or infinite {where} "
                                           "(broken weights, or an overflow: try --dtype float32)")
@@ -217,10 +240,12 @@ class Engine:
                     if on_token is not None:
                         on_token(b, t)
             if all(done) or step == budget - 1:
+                if ahead:  # every row stopped: the queued step fed tokens past the answers
+                    session.undo_decode()
                 break
             if stopped:
                 finished = torch.tensor(done, device=self.device)
-            logits = session.decode(tokens)
+            logits = next_logits if ahead else session.decode(tokens)
         # the last sampled token of a row stopped by the budget was never fed: a next turn must feed it first
         session.unfed = [[] if t == eos else [t] for t in ids]
         return out

@@ -39,3 +39,22 @@ def test_without_a_gpu_it_says_so_in_one_line():
         pytest.skip("a CUDA device is present")
     assert proc.stderr.strip().splitlines() == ["gpu_check.py: error: no CUDA device; run with --dry-run to check the "
                                                 "code on CPU"]
+
+
+PROFILE = ROOT / "scripts" / "profile_decode.py"
+
+
+def test_profile_decode_dry_run_prints_every_table(tmp_path):
+    """scripts/profile_decode.py --dry-run runs the decode profile's code on CPU (tiny shapes) and writes its report."""
+    out = tmp_path / "profile.md"
+    proc = subprocess.run([sys.executable, str(PROFILE), "--dry-run", "--int8", "--out", str(out)], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = out.read_text()
+    for heading in ("### bf16: eager decode step", "### int8: eager decode step", "| kernel | us/step |",
+                    "| q+k+v fused |", "SDPA + boolean mask over the whole cache, compiled"):
+        assert heading in report
+    assert report.count("| engine, decode ahead on") == 2
+    again = subprocess.run([sys.executable, str(PROFILE), "--dry-run", "--rates-only", "--out", str(out)],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert again.returncode == 2 and "exists" in again.stderr and out.read_text() == report  # never overwritten

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -120,9 +121,10 @@ def test_sampling_without_seed_leaves_the_global_rng_alone(engine):
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_non_finite_logits_fail_with_one_clear_error(checkpoint):
+@pytest.mark.parametrize("decode_ahead", [False, True])
+def test_non_finite_logits_fail_with_one_clear_error(checkpoint, decode_ahead):
     model = GeoChat.from_pretrained(checkpoint, dtype=torch.float32)
-    engine = sample.Engine(model, data.Tokenizer(checkpoint / "tokenizer.model"))
+    engine = sample.Engine(model, data.Tokenizer(checkpoint / "tokenizer.model"), decode_ahead=decode_ahead)
     ids = prompt_for(engine, "[grounding] Describe the image in detail.")
     image = images_for(engine, 1)
     assert len(engine.generate([ids], image, max_new_tokens=4)[0].token_ids) == 4  # no early stop in the budget
@@ -141,6 +143,36 @@ def test_non_finite_logits_fail_with_one_clear_error(checkpoint):
             with pytest.raises(sample.NonFiniteLogits, match=f"logits are NaN or infinite {where}"):
                 engine.generate([ids], image, max_new_tokens=4, temperature=temperature, seed=0)
         handle.remove()
+
+
+def test_decode_ahead_gives_the_same_tokens_and_session(engine):
+    """Queuing step t+1 before the host reads step t's tokens (the CUDA default) changes no token, and a step queued
+    past the answers is undone: the session ends as without it (length, filled slots, positions, unfed tokens)."""
+    prompts = [prompt_for(engine, "[grounding] Describe the image in detail."), prompt_for(engine, "How many ships?"),
+               prompt_for(engine, "Is there a plane?")]
+    images = images_for(engine, 3, seed=11)
+    tok = engine.tokenizer
+    free = sample.Engine(engine.model, SimpleNamespace(eos_id=-1, pad_id=tok.pad_id, decode=tok.decode))
+    unstopped = [g.token_ids for g in free.generate(prompts, images, max_new_tokens=12)]
+    eos = unstopped[0][4]  # a token row 0 makes at step 5: rows stop at different steps, or run to the budget
+    cases = {"rows stop at </s> at different steps": (3, 12), "every row stops at </s>": (1, 12),
+             "every row ends at the budget": (3, 3)}
+    ends = {}
+    for ahead in (False, True):
+        stopping = sample.Engine(engine.model, SimpleNamespace(eos_id=eos, pad_id=tok.pad_id, decode=tok.decode),
+                                 decode_ahead=ahead)
+        for case, (rows, budget) in cases.items():
+            with torch.inference_mode():
+                embeds, mask = stopping.embed_prompts(prompts[:rows], images[:rows])
+                session = stopping.new_session(rows, embeds.shape[1], budget)
+                ids = stopping.continue_generation(session, session.prefill(embeds, mask), budget)
+            ends[ahead, case] = (ids, session.unfed, session.length, session.key_valid.tolist(),
+                                 session.next_position.tolist(), session.decode_calls)
+    for case in cases:
+        without, ahead = ends[False, case], ends[True, case]
+        assert ahead[:5] == without[:5], case
+        assert ahead[5] == without[5] + (case == "every row stops at </s>"), case  # one step queued, then undone
+    assert ends[True, "every row stops at </s>"][0] == [unstopped[0][:4]]
 
 
 def test_stream_printer_prints_characters_split_into_bytes(sp_model_path, capsys):
