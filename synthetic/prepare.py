@@ -85,7 +85,7 @@ def _corpus_lines(records, bench):
 
 
 def write_dataset(out_dir, n_train_images, n_test_images, seed=0, size=128, records_per_image=7,
-                  multi_turn_prob=0.25, workers=1, progress=False, tasks=TASKS, object_scale=1.0):
+                  multi_turn_prob=0.25, workers=1, progress=False, tasks=TASKS, object_scale=1.0, turns=(2, 3)):
     """Write images, train.json/test.json, one bench file per bench, annotations and corpus.txt; return their paths."""
     out = Path(out_dir)
     img_dir = out / "images"
@@ -94,7 +94,8 @@ def write_dataset(out_dir, n_train_images, n_test_images, seed=0, size=128, reco
     test_anns = _render_split(img_dir, "test", 1, n_test_images, seed, size, workers, progress, object_scale)
 
     def records(anns):
-        return [r for a in anns for r in instruct_records(a, a["image"], records_per_image, seed, multi_turn_prob, tasks)]
+        return [r for a in anns for r in instruct_records(a, a["image"], records_per_image, seed, multi_turn_prob, tasks,
+                                                           turns)]
 
     train_recs, test_recs = records(train_anns), records(test_anns)
     bench = {name: [] for name in BENCHES}
@@ -167,6 +168,10 @@ def scenes_main(args):
         raise UsageError(f"--object-scale must be in [0.5, 4], got {args.object_scale}")
     if not 0 <= args.multi_turn_prob <= 1:
         raise UsageError(f"--multi-turn-prob must be in [0, 1], got {args.multi_turn_prob}")
+    low_high = args.turns.split("-")
+    turns = tuple(int(v) for v in low_high) if all(v.strip().isdigit() for v in low_high) else ()
+    if len(turns) != 2 or not 2 <= turns[0] <= turns[1] <= 8:
+        raise UsageError(f"--turns {args.turns!r}: expected MIN-MAX with 2 <= MIN <= MAX <= 8, e.g. 2-3")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS + PRETEXT_TASKS]
     if unknown or not tasks:
@@ -176,7 +181,7 @@ def scenes_main(args):
     start = time.time()
     paths = write_dataset(out, args.n_train, args.n_test, args.seed, args.size, args.records_per_image,
                           args.multi_turn_prob, args.workers, progress=True, tasks=tasks,
-                          object_scale=args.object_scale)
+                          object_scale=args.object_scale, turns=turns)
     print(f"wrote {args.n_train} train + {args.n_test} test images in {time.time() - start:.1f}s")
     for name, path in paths.items():
         print(f"  {name:<18} {path}")
@@ -223,7 +228,8 @@ def build_parser():
                    "patch); bench files always cover every bench")
     s.add_argument("--object-scale", type=float, default=1.0, help="objects' sizes times this (0.5-4; larger: fewer "
                    "fit, an easier world for a first stage)")
-    s.add_argument("--multi-turn-prob", type=float, default=0.25, help="share of records with 2-3 turns")
+    s.add_argument("--multi-turn-prob", type=float, default=0.25, help="share of records with several turns")
+    s.add_argument("--turns", default="2-3", help="MIN-MAX questions in a multi-turn record (2 <= MIN <= MAX <= 8)")
     s.add_argument("--workers", type=int, default=1, help="rendering processes")
     s.set_defaults(func=scenes_main)
     t = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer.model on a corpus",

@@ -471,15 +471,16 @@ def question_answer(ann, task, rng):
     raise ValueError(f"unknown task {task!r}")
 
 
-def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0.25, tasks=TASKS):
-    """GeoChat_Instruct records for one image; `tasks` cycle, so n_records >= len(tasks) covers each one."""
+def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0.25, tasks=TASKS, turns=(2, 3)):
+    """GeoChat_Instruct records for one image; `tasks` cycle, so n_records >= len(tasks) covers each one. A share
+    multi_turn_prob of the records ask turns[0] to turns[1] questions about the image, the others one."""
     rng = random.Random("conv-%d-%d" % (int(ann["seed"]), int(rng_seed)))
     tasks = task_cycle(ann, tasks)
     cycle = []
     stem = Path(image_name).stem
     records = []
     for k in range(n_records):
-        n_turns = 1 if rng.random() >= multi_turn_prob else rng.choice((2, 3))
+        n_turns = 1 if rng.random() >= multi_turn_prob else rng.choice(range(turns[0], turns[1] + 1))
         conv = []
         for t in range(n_turns):
             if not cycle:

@@ -197,6 +197,18 @@ def test_conversations_format_and_tasks():
     assert seen == set(TASKS)
 
 
+def test_turns_set_the_questions_of_multi_turn_records():
+    """turns=(lo, hi): every multi-turn record asks lo..hi questions; the default (2, 3) draws as it always did."""
+    _, ann = make_scene(3)
+    default = instruct_records(ann, "img_3.png", n_records=40, multi_turn_prob=1.0)
+    assert {len(r["conversations"]) // 2 for r in default} == {2, 3}
+    assert default == instruct_records(ann, "img_3.png", n_records=40, multi_turn_prob=1.0, turns=(2, 3))
+    more = instruct_records(ann, "img_3.png", n_records=40, multi_turn_prob=1.0, turns=(3, 5))
+    assert {len(r["conversations"]) // 2 for r in more} == {3, 4, 5}
+    single = instruct_records(ann, "img_3.png", n_records=10, multi_turn_prob=0.0, turns=(3, 5))
+    assert {len(r["conversations"]) for r in single} == {2}
+
+
 def test_grounded_description_and_refer():
     import random
     for seed in range(60):
@@ -321,6 +333,9 @@ def test_prepare_cli_refuses_bad_input(tmp_path):
         (["scenes", "--out", str(tmp_path / "d"), "--tasks", "grounding,dance"], "--tasks 'grounding,dance'"),
         (["scenes", "--out", str(tmp_path / "d"), "--object-scale", "nan"], "--object-scale must be in [0.5, 4]"),
         (["scenes", "--out", str(tmp_path / "d"), "--object-scale", "9"], "--object-scale must be in [0.5, 4]"),
+        (["scenes", "--out", str(tmp_path / "d"), "--turns", "3"], "--turns '3': expected MIN-MAX"),
+        (["scenes", "--out", str(tmp_path / "d"), "--turns", "5-4"], "--turns '5-4': expected MIN-MAX"),
+        (["scenes", "--out", str(tmp_path / "d"), "--turns", "1-x"], "--turns '1-x': expected MIN-MAX"),
         (["tokenizer", "--corpus", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "t.model")], "no such file"),
         (["tokenizer", "--corpus", str(corpus), "--out", str(tmp_path / "t.model"), "--vocab-size", "10"],
          "--vocab-size must be >= 300"),
