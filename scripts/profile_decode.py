@@ -31,18 +31,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 import quant  # noqa: E402
 import sample  # noqa: E402
 from geochat import GeoChatConfig  # noqa: E402
-from gpu_check import NO_STOP, decoder_weight_bytes, images, prompt, random_model  # noqa: E402
+from gpu_check import NO_STOP, decoder_weight_bytes, images, prompt, random_model, sync  # noqa: E402
 from llama import LlamaConfig  # noqa: E402
 from vit import ViTConfig  # noqa: E402
 
 TINY = GeoChatConfig(vision=ViTConfig(image_size=56, width=64, n_layers=2, n_heads=4, mlp_dim=128), image_size=56,
                      llm=LlamaConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, intermediate_size=128,
                                      max_seq_len=1024))
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def seconds_per_call(fn, device, reps: int) -> float:
@@ -188,6 +183,7 @@ def attention_rows(cfg: LlamaConfig, device, dtype, capacity: int, filled: int, 
 
 
 def md_table(header, rows, formats) -> str:
+    """A markdown table: one format string per column."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(f.format(v) for f, v in zip(formats, row)) + " |" for row in rows]
     return "\n".join(lines)
@@ -195,6 +191,7 @@ def md_table(header, rows, formats) -> str:
 
 def profile_model(model, device, label: str, n_text: int, new_tokens: int, steps: int, compile_step: bool,
                   rates_only: bool = False) -> str:
+    """The markdown report of one model's decode: the loops' tokens/s, then (unless rates_only) its kernel table."""
     engine = sample.Engine(model, NO_STOP, compile=compile_step)
     rates = loop_rates(engine, model, device, n_text, new_tokens)
     weight_gb = decoder_weight_bytes(model) / 1e9
@@ -220,6 +217,7 @@ def profile_model(model, device, label: str, n_text: int, new_tokens: int, steps
 
 
 def main(argv=None) -> int:
+    """Profile, print and optionally save; exit code 2 on bad input."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU, eager")
     p.add_argument("--int8", action="store_true", help="also profile the model quantised to int8 (compiled)")
@@ -264,6 +262,7 @@ def main(argv=None) -> int:
 
 
 def write_report(report: list, out) -> int:
+    """Write the report's sections to `out` (if given); the exit code 0."""
     if out:
         Path(out).write_text("\n\n".join(report) + "\n")
     return 0
