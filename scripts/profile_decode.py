@@ -68,6 +68,14 @@ def seconds_per_call(fn, device, reps: int) -> float:
     return start.elapsed_time(end) / 1000 / reps
 
 
+def primed_session(engine, ids, image, new_tokens: int):
+    """A session after the prompt's prefill and one decode step (which records the graph, if compiled): (session,
+    logits)."""
+    embeds, mask = engine.embed_prompts([ids], image)
+    session = engine.new_session(1, embeds.shape[1], new_tokens)
+    return session, session.decode(session.prefill(embeds, mask).argmax(-1))
+
+
 def loop_rates(engine, model, device, n_text: int, new_tokens: int) -> dict:
     """Decode tokens/s of the engine's generate and of the same session steps called back to back (no host read)."""
     ids = prompt(n_text, model.cfg.llm.vocab_size, seed=7)
@@ -79,10 +87,7 @@ def loop_rates(engine, model, device, n_text: int, new_tokens: int) -> dict:
         engine_rates[ahead] = max(engine.generate([ids], image, max_new_tokens=new_tokens)[0].decode_tokens_per_s
                                   for _ in range(2))
     with torch.inference_mode():
-        embeds, mask = engine.embed_prompts([ids], image)
-        session = engine.new_session(1, embeds.shape[1], new_tokens)
-        logits = session.prefill(embeds, mask)
-        logits = session.decode(logits.argmax(-1))  # the first step (graph recording) is left out, as generate does
+        session, logits = primed_session(engine, ids, image, new_tokens)  # its first step left out, as generate does
         sync(device)
         steps = min(new_tokens, session.capacity - session.length) - 1
         t0 = time.perf_counter()
@@ -91,7 +96,7 @@ def loop_rates(engine, model, device, n_text: int, new_tokens: int) -> dict:
         sync(device)
         back_to_back = steps / (time.perf_counter() - t0)
     return {"engine": engine_rates[False], "engine_ahead": engine_rates[True], "back_to_back": back_to_back,
-            "session": (ids, image)}
+            "prompt": (ids, image)}
 
 
 def kernel_table(engine, device, ids, image, steps: int, top: int) -> tuple:
@@ -101,10 +106,7 @@ def kernel_table(engine, device, ids, image, steps: int, top: int) -> tuple:
 
     activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
     with torch.inference_mode():
-        embeds, mask = engine.embed_prompts([ids], image)
-        session = engine.new_session(1, embeds.shape[1], steps + 4)
-        logits = session.decode(session.prefill(embeds, mask).argmax(-1))
-        logits = session.decode(logits.argmax(-1))
+        session, logits = primed_session(engine, ids, image, steps + 4)
         sync(device)
         with profile(activities=activities) as prof:
             t0 = time.perf_counter()
@@ -195,7 +197,7 @@ def profile_model(model, device, label: str, n_text: int, new_tokens: int, steps
     engine = sample.Engine(model, NO_STOP, compile=compile_step)
     rates = loop_rates(engine, model, device, n_text, new_tokens)
     weight_gb = decoder_weight_bytes(model) / 1e9
-    ids, image = rates["session"]
+    ids, image = rates["prompt"]
     out = [f"### {label}: {'compiled' if compile_step else 'eager'} decode step",
            f"decoder weights read per step: {weight_gb:.2f} GB",
            "", md_table(["loop", "tok/s", "weights GB/s"],
