@@ -10,7 +10,11 @@
    initialised tower, so the gap is what training put there;
 3. gradient norms reaching the tower, the projector and the decoder on one training batch;
 4. where the decoder looks when it answers a presence question: its attention on the image tokens, and
-   within them on the patches the objects cover.
+   within them on the patches the objects cover;
+5. whether the answer depends on the class asked: "Is there a <class>?" for every class on each held-out scene
+   (the Yes-minus-No logit margin of present classes against absent ones of the same scene: 0.5 means the answer
+   ignores the class), and where single-object [refer] boxes land (on the target, on another object, on nothing)
+   by the number of objects in the scene, where 1/n is what a model that ignores the class gets.
 The pipeline itself (each sample trained with its own image, identical preprocessing in training and
 inference) is checked by tests/test_pipeline.py. Everything prints as one report (also --json).
 """
@@ -29,14 +33,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import eval as bench_eval  # noqa: E402
-from boxes import Box, box_polygon_grid  # noqa: E402
+from boxes import Box, box_polygon_grid, parse_boxes, polygon_iou  # noqa: E402
 from geochat import GeoChat  # noqa: E402
 from synthetic.scenes import OBJECT_CLASSES, bench_questions  # noqa: E402
 from train import CausalLMLoss, init_weights  # noqa: E402
 
 
 def read_annotations(data_dir: Path, split: str, n: int) -> list[dict]:
-    """The first n annotations of a split ('train' or 'test') of a prepared synthetic dataset."""
+    """The first n annotations (all when n < 0) of a split ("train" or "test") of a prepared synthetic dataset."""
     rows = []
     with open(data_dir / "annotations.jsonl", encoding="utf-8") as f:
         for line in f:
@@ -223,6 +227,112 @@ def image_attention(model: GeoChat, tokenizer, data_dir: Path, anns: list[dict])
             "object_patches": object_patches}
 
 
+def within_scene_auc(margins: list[tuple[int, bool, float]]) -> float:
+    """(scene, class present, margin) rows -> P(a present class's margin > an absent class's of the same scene),
+    ties half: 1.0 answers by the class asked, 0.5 ignores it."""
+    wins = pairs = 0.0
+    scenes = {scene for scene, _, _ in margins}
+    for scene in scenes:
+        present = [m for s, p, m in margins if s == scene and p]
+        absent = [m for s, p, m in margins if s == scene and not p]
+        for a in present:
+            for b in absent:
+                wins += 1.0 if a > b else 0.5 if a == b else 0.0
+                pairs += 1
+    return wins / pairs if pairs else float("nan")
+
+
+def first_answer_id(tokenizer, prompt_turns, answer: str) -> int:
+    """The id of the answer's first token after the prompt, as training labels it."""
+    asked = tokenizer.encode_prompt(data.build_prompt(prompt_turns, "llava_v1"))  # the last turn without its answer
+    answered = tokenizer.encode_prompt(data.build_prompt(prompt_turns[:-1] + [(prompt_turns[-1][0], answer)], "llava_v1"))
+    return answered[len(asked)]
+
+
+@torch.no_grad()
+def presence_by_class(model: GeoChat, tokenizer, data_dir: Path, anns: list[dict]) -> dict:
+    """The Yes-minus-No margin of "Is there a <class> in the image?" for every class on each scene with objects:
+    within-scene AUC of present against absent classes, the margin's spread over the classes of one scene against
+    its spread over scenes, and per decoder layer probes of the answer position (balanced accuracy, 0.5 = chance)
+    for the class asked and for whether it is present."""
+    rows, states, asked = [], [], []
+    hooks = [layer.register_forward_hook(lambda mod, args, out: states.append(out[0, -1])) for layer in model.llm.layers]
+    for k, ann in enumerate(a for a in anns if a["objects"]):
+        image = data.preprocess_image(data.load_image(data_dir / "images" / ann["image"]), model.cfg.image_size)
+        present = {o["class"] for o in ann["objects"]}
+        for cls in OBJECT_CLASSES:
+            turns = [(data.IMAGE_PLACEHOLDER + "\n" + data.task_prompt("vqa", question=f"Is there a {cls} in the image?"), None)]
+            yes, no = (first_answer_id(tokenizer, turns, a) for a in ("Yes", "No"))
+            ids = tokenizer.encode_prompt(data.build_prompt(turns, "llava_v1"))
+            logits = model(torch.tensor([ids]), image[None])[0, -1]  # (vocab,)
+            rows.append((k, cls in present, float(logits[yes] - logits[no])))
+            asked.append(OBJECT_CLASSES.index(cls))
+    for h in hooks:
+        h.remove()
+    # linear probes on the answer position after each decoder layer, fitted on 70% of the scenes: does it hold the
+    # class asked (one class against the others, averaged) and whether that class is in the image (the answer)?
+    states = torch.stack(states).view(len(rows), len(model.llm.layers), -1)  # (rows, layers, dim)
+    scene = torch.tensor([k for k, _, _ in rows])
+    fit = scene < int(0.7 * (int(scene.max()) + 1))
+    answer = torch.tensor([float(p) for _, p, _ in rows])
+    asked = torch.tensor(asked)
+    per_layer = []
+    for layer in range(states.shape[1]):
+        x = states[:, layer]
+        which = [fit_probe(x[fit], (asked[fit] == c).float(), x[~fit], (asked[~fit] == c).float())
+                 for c in range(len(OBJECT_CLASSES))]
+        per_layer.append({"class asked": sum(which) / len(which),
+                          "class present": fit_probe(x[fit], answer[fit], x[~fit], answer[~fit])})
+    by_scene = {}
+    for k, _, m in rows:
+        by_scene.setdefault(k, []).append(m)
+    means = torch.tensor([sum(v) / len(v) for v in by_scene.values()])
+    within = sum(float(torch.tensor(v).std(correction=0)) for v in by_scene.values()) / len(by_scene)
+    return {"within_scene_auc": within_scene_auc(rows), "margin_sd_over_classes": within,
+            "margin_sd_over_scenes": float(means.std(correction=0)), "scenes": len(by_scene),
+            "answer_position_probes": per_layer}
+
+
+def refer_landing(answer_rows: list[dict], anns: list[dict]) -> dict:
+    """Where single-object [refer] answers' first boxes land, by the scene's number of objects: "target" overlaps
+    the asked object, "other" only another object, "nothing" neither (overlap: IoU above 0.05)."""
+    by_image = {a["image"]: a for a in anns}
+    out = {}
+    for row in answer_rows:
+        if row["type"] != "ref":
+            continue
+        if row["image"] not in by_image:
+            raise ValueError(f"the [refer] answers name {row['image']}, which is not among the held-out annotations of --data")
+        ann = by_image[row["image"]]
+        counts = out.setdefault(str(len(ann["objects"])), {"target": 0, "other": 0, "nothing": 0, "no box": 0})
+        found = parse_boxes(row["answer"])
+        if not found:
+            counts["no box"] += 1
+            continue
+        answer = box_polygon_grid(found[0])
+        overlap = [polygon_iou(answer, box_polygon_grid(Box(*o["grid"]))) > 0.05 for o in ann["objects"]]
+        target = any(overlap[i] for i in row["obj_ids"])
+        counts["target" if target else "other" if any(overlap) else "nothing"] += 1
+    return dict(sorted(out.items()))
+
+
+def print_class_report(report: dict, as_json: bool):
+    """Measurement 5 as text (or JSON)."""
+    if as_json:
+        print(json.dumps(report, indent=1))
+        return
+    pres = report["presence"]
+    print(f"answers by class asked ({pres['scenes']} held-out scenes with objects)")
+    print(f"  presence: within-scene AUC {pres['within_scene_auc']:.3f} (0.5 = the class is ignored); margin sd over "
+          f"the classes of a scene {pres['margin_sd_over_classes']:.3f}, over scenes {pres['margin_sd_over_scenes']:.3f}")
+    print("  answer position, probes per decoder layer (balanced accuracy): class asked "
+          + " ".join(f"{row['class asked']:.2f}" for row in pres["answer_position_probes"]) + "; class present "
+          + " ".join(f"{row['class present']:.2f}" for row in pres["answer_position_probes"]))
+    for n, counts in report.get("refer", {}).items():
+        print(f"  [refer] single objects, scenes of {n} object(s): " + ", ".join(f"{k} {v}" for k, v in counts.items())
+              + f" (ignoring the class: target {1 / int(n):.0%})")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", type=Path, required=True, help="a trained Baby GeoChat directory")
@@ -231,23 +341,44 @@ def main(argv=None) -> int:
     p.add_argument("--n-accuracy", type=int, default=300, help="scenes per split for the train/held-out accuracy")
     p.add_argument("--n-probe", type=int, default=1500, help="training scenes the probes are fitted on (tested on held-out)")
     p.add_argument("--skip-accuracy", action="store_true", help="probes and gradients only")
+    p.add_argument("--class-only", action="store_true", help="only measurement 5 (whether answers follow the class asked)")
+    p.add_argument("--refer-answers", type=Path,
+                   help="held-out [refer] answers (eval.py run --bench referring) for measurement 5; by default the "
+                        "held-out answers of measurement 1, when it runs")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     args = p.parse_args(argv)
-    for path in (args.checkpoint / "config.json", args.data / "annotations.jsonl", args.data / "train.json"):
+    for path in (args.checkpoint / "config.json", args.data / "annotations.jsonl", args.data / "train.json",
+                 *([args.refer_answers] if args.refer_answers else [])):
         if not path.is_file():
             print(f"{path}: not found", file=sys.stderr)
             return 2
     torch.manual_seed(0)
     report = {}
-    if not args.skip_accuracy:
+    refer_answers = args.refer_answers
+    if not (args.skip_accuracy or args.class_only):
         report["accuracy"] = {
             split: bench_accuracy(args.checkpoint, args.data, read_annotations(args.data, split, args.n_accuracy),
                                   args.out, split)
             for split in ("train", "test")}
+        refer_answers = refer_answers or args.out / "test_referring_answers.jsonl"
     model = GeoChat.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
     tokenizer = data.Tokenizer(args.checkpoint / "tokenizer.model")
-    train_anns = read_annotations(args.data, "train", args.n_probe)
     test_anns = read_annotations(args.data, "test", 300)
+    report["class asked"] = {"presence": presence_by_class(model, tokenizer, args.data, test_anns[:100])}
+    if refer_answers is not None:
+        try:
+            rows = bench_eval.read_jsonl(str(refer_answers))
+            report["class asked"]["refer"] = refer_landing(rows, read_annotations(args.data, "test", -1))
+        except bench_eval.InputError as e:
+            print(e, file=sys.stderr)
+            return 2
+        except (ValueError, KeyError) as e:
+            print(f"{refer_answers}: not [refer] answers of this dataset ({e})", file=sys.stderr)
+            return 2
+    if args.class_only:
+        print_class_report(report["class asked"], args.json)
+        return 0
+    train_anns = read_annotations(args.data, "train", args.n_probe)
     report["probes"] = {"trained": probes(model, args.data, train_anns, test_anns)}
     report["gradients"] = {"trained": gradient_norms(model, tokenizer, args.data)}
     report["image attention"] = {"trained": image_attention(model, tokenizer, args.data, test_anns[:120])}
@@ -277,6 +408,7 @@ def main(argv=None) -> int:
         for key, fmt in (("share", "{:.2f}"), ("on_objects", "{:.2f}"), ("spread", "{:.0f}")):
             print(f"  {init:10s} {key:10s} " + " | ".join(" ".join(fmt.format(v) for v in heads) for heads in att[key]))
         print(f"  {init:10s} object patches: {att['object_patches']:.2f} of the image tokens")
+    print_class_report(report["class asked"], False)
     print("gradient norms on one batch (loss per labelled token)")
     for init, parts in report["gradients"].items():
         print(f"  {init:10s} " + "  ".join(f"{k}: grad {v['grad']:.3g} weight {v['weight']:.3g}" for k, v in parts.items()))
