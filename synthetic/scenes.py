@@ -436,6 +436,9 @@ def grid_answer(ann, cells=GRID_CELLS):
                    for i in cell_objects(ann, cells))
 
 
+MAX_DRAWS = 20  # instruct_records: draws for a question not yet asked in the record before it ends early
+
+
 # in a scene without objects, a task that needs one is replaced by another (never by presence,
 # so that every scene gets the same share of presence questions and yes/no stays balanced)
 EMPTY_SCENE_SUBSTITUTE = {"refer": "grounding", "identify": "scene", "comparison": "count"}
@@ -473,7 +476,7 @@ def question_answer(ann, task, rng):
 
 def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0.25, tasks=TASKS, turns=(2, 3)):
     """GeoChat_Instruct records for one image; `tasks` cycle, so n_records >= len(tasks) covers each one. A share
-    multi_turn_prob of the records ask turns[0] to turns[1] questions about the image, the others one."""
+    multi_turn_prob of the records ask turns[0] to turns[1] different questions about the image, the others one."""
     rng = random.Random("conv-%d-%d" % (int(ann["seed"]), int(rng_seed)))
     tasks = task_cycle(ann, tasks)
     cycle = []
@@ -481,12 +484,18 @@ def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0
     records = []
     for k in range(n_records):
         n_turns = 1 if rng.random() >= multi_turn_prob else rng.choice(range(turns[0], turns[1] + 1))
-        conv = []
+        conv, asked = [], set()
         for t in range(n_turns):
-            if not cycle:
-                cycle = tasks[:]
-                rng.shuffle(cycle)
-            q, a = question_answer(ann, cycle.pop(), rng)
+            for _ in range(MAX_DRAWS):  # a record never asks a question twice: no answer to copy from an earlier turn
+                if not cycle:
+                    cycle = tasks[:]
+                    rng.shuffle(cycle)
+                q, a = question_answer(ann, cycle.pop(), rng)
+                if q not in asked:
+                    break
+            else:
+                break  # every draw repeated an earlier question: the record ends here
+            asked.add(q)
             conv.append({"from": "human", "value": ("<image>\n" + q) if t == 0 else q})
             conv.append({"from": "gpt", "value": a})
         records.append({"id": "%s_%d" % (stem, k), "image": image_name, "conversations": conv})

@@ -198,7 +198,7 @@ def test_conversations_format_and_tasks():
 
 
 def test_turns_set_the_questions_of_multi_turn_records():
-    """turns=(lo, hi): every multi-turn record asks lo..hi questions; the default (2, 3) draws as it always did."""
+    """turns=(lo, hi): every multi-turn record asks lo..hi questions (the default (2, 3)), each one once."""
     _, ann = make_scene(3)
     default = instruct_records(ann, "img_3.png", n_records=40, multi_turn_prob=1.0)
     assert {len(r["conversations"]) // 2 for r in default} == {2, 3}
@@ -207,6 +207,23 @@ def test_turns_set_the_questions_of_multi_turn_records():
     assert {len(r["conversations"]) // 2 for r in more} == {3, 4, 5}
     single = instruct_records(ann, "img_3.png", n_records=10, multi_turn_prob=0.0, turns=(3, 5))
     assert {len(r["conversations"]) for r in single} == {2}
+
+
+def test_a_record_never_asks_a_question_twice():
+    """Multi-turn records draw again rather than repeat a question (whose answer an earlier turn would give away);
+    a scene with too few distinct questions for the record's turns ends the record early."""
+    long_records = 0
+    for seed in range(30):
+        _, ann = make_scene(seed)
+        for r in instruct_records(ann, "img.png", n_records=6, multi_turn_prob=1.0, turns=(5, 8),
+                                  tasks=("presence", "refer", "refer", "scene")):
+            questions = [t["value"].replace("<image>\n", "") for t in r["conversations"][0::2]]
+            assert len(questions) == len(set(questions)), questions
+            long_records += len(questions) >= 5
+    assert long_records > 100  # most records still get their turns: presence alone has five classes to ask about
+    _, ann = make_scene(3)
+    (record,) = instruct_records(ann, "img.png", n_records=1, multi_turn_prob=1.0, turns=(4, 4), tasks=("scene",))
+    assert len(record["conversations"]) == 2  # one scene question exists: the record ends after it
 
 
 def test_grounded_description_and_refer():
