@@ -255,15 +255,17 @@ def presence_by_class(model: GeoChat, tokenizer, data_dir: Path, anns: list[dict
     within-scene AUC of present against absent classes, the margin's spread over the classes of one scene against
     its spread over scenes, and per decoder layer probes of the answer position (balanced accuracy, 0.5 = chance)
     for the class asked and for whether it is present."""
+    def turns(cls):
+        return [(data.IMAGE_PLACEHOLDER + "\n" + data.task_prompt("vqa", question=f"Is there a {cls} in the image?"), None)]
+
+    yes, no = (first_answer_id(tokenizer, turns(OBJECT_CLASSES[0]), a) for a in ("Yes", "No"))  # after "ASSISTANT:"
     rows, states, asked = [], [], []
     hooks = [layer.register_forward_hook(lambda mod, args, out: states.append(out[0, -1])) for layer in model.llm.layers]
     for k, ann in enumerate(a for a in anns if a["objects"]):
         image = data.preprocess_image(data.load_image(data_dir / "images" / ann["image"]), model.cfg.image_size)
         present = {o["class"] for o in ann["objects"]}
         for cls in OBJECT_CLASSES:
-            turns = [(data.IMAGE_PLACEHOLDER + "\n" + data.task_prompt("vqa", question=f"Is there a {cls} in the image?"), None)]
-            yes, no = (first_answer_id(tokenizer, turns, a) for a in ("Yes", "No"))
-            ids = tokenizer.encode_prompt(data.build_prompt(turns, "llava_v1"))
+            ids = tokenizer.encode_prompt(data.build_prompt(turns(cls), "llava_v1"))
             logits = model(torch.tensor([ids]), image[None])[0, -1]  # (vocab,)
             rows.append((k, cls in present, float(logits[yes] - logits[no])))
             asked.append(OBJECT_CLASSES.index(cls))
@@ -363,12 +365,13 @@ def main(argv=None) -> int:
         refer_answers = refer_answers or args.out / "test_referring_answers.jsonl"
     model = GeoChat.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
     tokenizer = data.Tokenizer(args.checkpoint / "tokenizer.model")
-    test_anns = read_annotations(args.data, "test", 300)
+    all_test_anns = read_annotations(args.data, "test", -1)
+    test_anns = all_test_anns[:300]
     report["class asked"] = {"presence": presence_by_class(model, tokenizer, args.data, test_anns[:100])}
     if refer_answers is not None:
         try:
             rows = bench_eval.read_jsonl(str(refer_answers))
-            report["class asked"]["refer"] = refer_landing(rows, read_annotations(args.data, "test", -1))
+            report["class asked"]["refer"] = refer_landing(rows, all_test_anns)
         except bench_eval.InputError as e:
             print(e, file=sys.stderr)
             return 2
