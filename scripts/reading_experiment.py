@@ -40,7 +40,7 @@ def questions(anns, rng):
     """One presence question per scene: (class index, 1 for yes)."""
     out = []
     for ann in anns:
-        q, a = _presence(ann, rng)
+        q, a = _presence(ann, rng)[:2]
         out.append((next(i for i, c in enumerate(OBJECT_CLASSES) if f" {c} " in q), int(a == "Yes")))
     return torch.tensor(out)  # (n, 2)
 

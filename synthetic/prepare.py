@@ -85,7 +85,8 @@ def _corpus_lines(records, bench):
 
 
 def write_dataset(out_dir, n_train_images, n_test_images, seed=0, size=128, records_per_image=7,
-                  multi_turn_prob=0.25, workers=1, progress=False, tasks=TASKS, object_scale=1.0, turns=(2, 3)):
+                  multi_turn_prob=0.25, workers=1, progress=False, tasks=TASKS, object_scale=1.0, turns=(2, 3),
+                  refuse_given_away=False):
     """Write images, train.json/test.json, one bench file per bench, annotations and corpus.txt; return their paths."""
     out = Path(out_dir)
     img_dir = out / "images"
@@ -95,7 +96,7 @@ def write_dataset(out_dir, n_train_images, n_test_images, seed=0, size=128, reco
 
     def records(anns):
         return [r for a in anns for r in instruct_records(a, a["image"], records_per_image, seed, multi_turn_prob, tasks,
-                                                           turns)]
+                                                           turns, refuse_given_away)]
 
     train_recs, test_recs = records(train_anns), records(test_anns)
     bench = {name: [] for name in BENCHES}
@@ -181,7 +182,7 @@ def scenes_main(args):
     start = time.time()
     paths = write_dataset(out, args.n_train, args.n_test, args.seed, args.size, args.records_per_image,
                           args.multi_turn_prob, args.workers, progress=True, tasks=tasks,
-                          object_scale=args.object_scale, turns=turns)
+                          object_scale=args.object_scale, turns=turns, refuse_given_away=args.refuse_given_away)
     print(f"wrote {args.n_train} train + {args.n_test} test images in {time.time() - start:.1f}s")
     for name, path in paths.items():
         print(f"  {name:<18} {path}")
@@ -230,6 +231,9 @@ def build_parser():
                    "fit, an easier world for a first stage)")
     s.add_argument("--multi-turn-prob", type=float, default=0.25, help="share of records with several turns")
     s.add_argument("--turns", default="2-3", help="MIN-MAX questions in a multi-turn record (2 <= MIN <= MAX <= 8)")
+    s.add_argument("--refuse-given-away", action="store_true",
+                   help="multi-turn records never ask what an earlier turn gave away (a count after \"the plane\", "
+                        "presence after a count), not only never the same question twice; questions are ordered to allow it")
     s.add_argument("--workers", type=int, default=1, help="rendering processes")
     s.set_defaults(func=scenes_main)
     t = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer.model on a corpus",

@@ -381,24 +381,34 @@ def _size_group(ann, ids):
     return "medium" if a < SIZE_MEDIUM_MAX else "large"
 
 
+# A turn's facts: ("scene",), ("presence", cls), ("count", cls), ("more", frozenset({a, b})), ("box", i) and
+# ("class", i) of object i, ("grid",). Each question generator returns (question, answer, the facts its answer
+# states, the facts the turn gives away); instruct_records orders a record's turns so that no answer was given away
+# by an earlier turn.
+
 def _presence(ann, rng):
+    """(question, answer, facts stated, facts given away) of a presence question."""
     counts = _counts(ann)
     present = [c for c in OBJECT_CLASSES if counts[c]]
     absent = [c for c in OBJECT_CLASSES if not counts[c]]
     yes = bool(present) and rng.random() < PRESENCE_YES
     cls = rng.choice(present if yes else absent)
-    return "Is there a %s in the image?" % cls, ("Yes" if yes else "No")
+    told = {("presence", cls)} if yes else {("presence", cls), ("count", cls)}  # "No" also says there are 0
+    return "Is there a %s in the image?" % cls, ("Yes" if yes else "No"), {("presence", cls)}, told
 
 
 def _count(ann, rng):
+    """(question, answer, facts stated, facts given away) of a count question."""
     counts = _counts(ann)
     present = [c for c in OBJECT_CLASSES if counts[c]]
     pool = present if present and rng.random() < 0.75 else list(OBJECT_CLASSES)
     cls = rng.choice(pool)
-    return "How many %s are there in the image?" % PLURALS[cls], str(counts[cls])
+    return ("How many %s are there in the image?" % PLURALS[cls], str(counts[cls]), {("count", cls)},
+            {("count", cls), ("presence", cls)})
 
 
 def _comparison(ann, rng):
+    """(question, answer, facts stated, facts given away) of a comparison, or None when all counts are equal."""
     counts = _counts(ann)
     pairs = [(a, b) for i, a in enumerate(OBJECT_CLASSES) for b in OBJECT_CLASSES[i + 1:]
              if counts[a] != counts[b]]
@@ -408,7 +418,10 @@ def _comparison(ann, rng):
     if rng.random() < 0.5:
         a, b = b, a
     q = "Are there more %s than %s?" % (PLURALS[a], PLURALS[b])
-    return q, ("Yes" if counts[a] > counts[b] else "No")
+    # a "Yes" also implies that the first class is present; counting that would leave 39% "Yes" among the comparisons
+    # a record can keep, so it is not counted
+    more = {("more", frozenset((a, b)))}
+    return q, ("Yes" if counts[a] > counts[b] else "No"), more, more
 
 
 def cell_objects(ann, cells=GRID_CELLS):
@@ -436,7 +449,7 @@ def grid_answer(ann, cells=GRID_CELLS):
                    for i in cell_objects(ann, cells))
 
 
-MAX_DRAWS = 20  # instruct_records: draws for a question not yet asked in the record before it ends early
+MAX_DRAWS = 20  # instruct_records: draws for a question it may ask before the record ends early
 
 
 # in a scene without objects, a task that needs one is replaced by another (never by presence,
@@ -451,32 +464,67 @@ def task_cycle(ann, tasks=TASKS):
     return [EMPTY_SCENE_SUBSTITUTE.get(t, t) for t in tasks]
 
 
-def question_answer(ann, task, rng):
-    """One (human prompt, gpt answer) pair of a task for a scene; rng picks the target."""
-    if task == "grounding":
-        return GROUNDING_PROMPT, grounded_description(ann)
+def all_facts(ann):
+    """Every fact a scene's questions can ask about (what a grounded description gives away)."""
+    n = len(ann["objects"])
+    return ({("scene",)} | {(kind, c) for c in OBJECT_CLASSES for kind in ("presence", "count")}
+            | {(kind, i) for i in range(n) for kind in ("box", "class")})
+
+
+def question_turn(ann, task, rng):
+    """One (human prompt, gpt answer, facts its answer states, facts the turn gives away) of a task for a scene;
+    rng picks the target."""
+    if task == "grounding":  # the description states every fact
+        facts = all_facts(ann)
+        return GROUNDING_PROMPT, grounded_description(ann), facts, facts
     if task == "refer":  # worded as the referring bench asks: "[refer] ..." for one object, "[grounding]all Xs" for several
         expr, ids = rng.choice(refer_targets(ann))
+        cls = ann["objects"][ids[0]]["class"]
         prompt = question_prompt("referring", {"question": expr, "type": "ref" if len(ids) == 1 else "grounding"})
-        return prompt, "".join(ann["objects"][i]["box"] for i in ids)
+        told = {("presence", cls), ("count", cls)} | {(kind, i) for i in ids for kind in ("box", "class")}
+        return prompt, "".join(ann["objects"][i]["box"] for i in ids), {("box", i) for i in ids}, told
     if task == "identify":
-        o = rng.choice(ann["objects"])
-        return task_prompt("identify", box=o["box"]), region_caption(o["class"])
+        i = rng.randrange(len(ann["objects"]))
+        o = ann["objects"][i]
+        return (task_prompt("identify", box=o["box"]), region_caption(o["class"]), {("class", i)},
+                {("class", i), ("box", i), ("presence", o["class"])})
     if task in ("presence", "count", "comparison"):
-        fn = {"presence": _presence, "count": _count,
-              "comparison": _comparison}[task]
-        q, a = fn(ann, rng)
-        return task_prompt("vqa", question=q), a
+        turn = {"presence": _presence, "count": _count, "comparison": _comparison}[task](ann, rng)
+        return None if turn is None else (task_prompt("vqa", question=turn[0]),) + turn[1:]
     if task == "scene":
-        return SCENE_PROMPT, ann["scene"]
-    if task == "grid":
-        return GRID_PROMPT, grid_answer(ann)
+        return SCENE_PROMPT, ann["scene"], {("scene",)}, {("scene",)}
+    if task == "grid":  # the digits name the class of every cell: every class's presence
+        return GRID_PROMPT, grid_answer(ann), {("grid",)}, {("grid",)} | {("presence", c) for c in OBJECT_CLASSES}
     raise ValueError(f"unknown task {task!r}")
 
 
-def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0.25, tasks=TASKS, turns=(2, 3)):
+def question_answer(ann, task, rng):
+    """One (human prompt, gpt answer) pair of a task for a scene; rng picks the target."""
+    turn = question_turn(ann, task, rng)
+    return None if turn is None else turn[:2]
+
+
+def gives_nothing_away(turns) -> bool:
+    """Whether no turn of a sequence states a fact that an earlier turn gave away (two counts give a comparison)."""
+    known = set()
+    for _, _, stated, told in turns:
+        counted = {f[1] for f in known if f[0] == "count"}
+        if stated & known or any(f[0] == "more" and f[1] <= counted for f in stated):
+            return False
+        known |= told
+    return True
+
+
+def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0.25, tasks=TASKS, turns=(2, 3),
+                     refuse_given_away=False):
     """GeoChat_Instruct records for one image; `tasks` cycle, so n_records >= len(tasks) covers each one. A share
-    multi_turn_prob of the records ask turns[0] to turns[1] different questions about the image, the others one."""
+    multi_turn_prob of the records ask turns[0] to turns[1] questions about the image, the others one.
+
+    A record never asks a question twice (its answer could be copied from the earlier turn). With refuse_given_away,
+    it also never asks one whose answer an earlier turn gave away another way (a count after "the plane", presence
+    after a count, an identify after a description): each new question is inserted at a random place of the record
+    where no turn's answer is given away by the turns before it ("Is there a plane?" before "the plane", not after),
+    or drawn again when there is none. Without it, questions come in the order drawn."""
     rng = random.Random("conv-%d-%d" % (int(ann["seed"]), int(rng_seed)))
     tasks = task_cycle(ann, tasks)
     cycle = []
@@ -484,18 +532,26 @@ def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0
     records = []
     for k in range(n_records):
         n_turns = 1 if rng.random() >= multi_turn_prob else rng.choice(range(turns[0], turns[1] + 1))
-        conv, asked = [], set()
+        record = []
         for t in range(n_turns):
-            for _ in range(MAX_DRAWS):  # a record never asks a question twice: no answer to copy from an earlier turn
+            for _ in range(MAX_DRAWS):
                 if not cycle:
                     cycle = tasks[:]
                     rng.shuffle(cycle)
-                q, a = question_answer(ann, cycle.pop(), rng)
-                if q not in asked:
+                turn = question_turn(ann, cycle.pop(), rng)
+                if turn is None:
+                    continue
+                if refuse_given_away:
+                    places = [p for p in range(len(record) + 1) if gives_nothing_away(record[:p] + [turn] + record[p:])]
+                else:
+                    places = [] if any(turn[0] == asked[0] for asked in record) else [len(record)]
+                if places:
+                    record.insert(places[0] if len(places) == 1 else rng.choice(places), turn)
                     break
             else:
-                break  # every draw repeated an earlier question: the record ends here
-            asked.add(q)
+                break  # every draw would have repeated or given an answer away: the record ends here
+        conv = []
+        for t, (q, a, _, _) in enumerate(record):
             conv.append({"from": "human", "value": ("<image>\n" + q) if t == 0 else q})
             conv.append({"from": "gpt", "value": a})
         records.append({"id": "%s_%d" % (stem, k), "image": image_name, "conversations": conv})

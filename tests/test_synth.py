@@ -198,7 +198,8 @@ def test_conversations_format_and_tasks():
 
 
 def test_turns_set_the_questions_of_multi_turn_records():
-    """turns=(lo, hi): every multi-turn record asks lo..hi questions (the default (2, 3)), each one once."""
+    """turns=(lo, hi): every multi-turn record asks lo..hi questions (the default (2, 3)), each one once; with
+    refuse_given_away a grounded description, which gives every answer away, may end a record early."""
     _, ann = make_scene(3)
     default = instruct_records(ann, "img_3.png", n_records=40, multi_turn_prob=1.0)
     assert {len(r["conversations"]) // 2 for r in default} == {2, 3}
@@ -207,6 +208,64 @@ def test_turns_set_the_questions_of_multi_turn_records():
     assert {len(r["conversations"]) // 2 for r in more} == {3, 4, 5}
     single = instruct_records(ann, "img_3.png", n_records=10, multi_turn_prob=0.0, turns=(3, 5))
     assert {len(r["conversations"]) for r in single} == {2}
+    strict = instruct_records(ann, "img_3.png", n_records=40, multi_turn_prob=1.0, turns=(3, 5), refuse_given_away=True)
+
+    def described(record):
+        return "[grounding] Describe" in record["conversations"][-2]["value"]
+
+    assert {len(r["conversations"]) // 2 for r in strict if not described(r)} == {3, 4, 5}
+    assert any(described(r) and len(r["conversations"]) < 6 for r in strict)
+
+
+SINGULAR = {plural: cls for cls, plural in PLURALS.items()}
+
+
+def given_away(question, answer, ann):
+    """What one turn tells, read off its text alone (independently of the generator): a set of facts."""
+    boxes = {o["box"]: i for i, o in enumerate(ann["objects"])}
+    if question.startswith("[grounding] Describe"):
+        return {("scene",)} | {(k, c) for c in OBJECT_CLASSES for k in ("presence", "count")} | {
+            (k, i) for i in range(len(ann["objects"])) for k in ("box", "class")}
+    m = re.match(r"\[refer\] Give me the location of <p> the (.+) </p>$", question) or re.match(
+        r"\[grounding\]all (.+)$", question)
+    if m:
+        cls = SINGULAR.get(m.group(1), m.group(1))
+        ids = [boxes[b] for b in re.findall(r"\{[^}]*\}", answer)]
+        return {("presence", cls), ("count", cls)} | {(k, i) for i in ids for k in ("box", "class")}
+    if question.startswith("[identify]"):
+        i = boxes[re.search(r"\{[^}]*\}", question).group(0)]
+        return {("box", i), ("class", i), ("presence", ann["objects"][i]["class"])}
+    m = re.match(r"Is there a (.+) in the image\?", question)
+    if m:
+        return {("presence", m.group(1))} | ({("count", m.group(1))} if answer == "No" else set())
+    m = re.match(r"How many (.+) are there in the image\?", question)
+    if m:
+        return {("count", SINGULAR[m.group(1)]), ("presence", SINGULAR[m.group(1)])}
+    m = re.match(r"Are there more (.+) than (.+)\?", question)
+    if m:
+        return {("more", frozenset((SINGULAR[m.group(1)], SINGULAR[m.group(2)])))}
+    assert question == SCENE_PROMPT, question
+    return {("scene",)}
+
+
+def answer_known(question, answer, ann, known):
+    """Whether earlier turns (`known` facts) already gave this turn's answer away."""
+    told = given_away(question, answer, ann)
+    if question.startswith("[grounding] Describe"):
+        return bool(told & known)
+    if question.startswith(("[refer]", "[grounding]all")):
+        return any(f in known for f in told if f[0] == "box")
+    if question.startswith("[identify]"):
+        return any(f in known for f in told if f[0] == "class")
+    m = re.match(r"Are there more (.+) than (.+)\?", question)
+    if m:
+        a, b = SINGULAR[m.group(1)], SINGULAR[m.group(2)]
+        return ("more", frozenset((a, b))) in known or {("count", a), ("count", b)} <= known
+    if question.startswith("Is there a"):
+        return any(f in known for f in told if f[0] == "presence")
+    if question.startswith("How many"):
+        return any(f in known for f in told if f[0] == "count")
+    return ("scene",) in known
 
 
 def test_a_record_never_asks_a_question_twice():
@@ -224,6 +283,38 @@ def test_a_record_never_asks_a_question_twice():
     _, ann = make_scene(3)
     (record,) = instruct_records(ann, "img.png", n_records=1, multi_turn_prob=1.0, turns=(4, 4), tasks=("scene",))
     assert len(record["conversations"]) == 2  # one scene question exists: the record ends after it
+
+
+def test_refuse_given_away_asks_nothing_an_earlier_turn_gave_away():
+    """refuse_given_away: no question whose answer an earlier turn gave away (a count after "the plane", presence
+    after a count, identify after a description), checked against the turns' text alone; records still get their
+    turns, presence stays balanced. Without it such turns occur (the checker finds them)."""
+    long_records = leaks_default = 0
+    yes = []
+    tasks = ("presence", "presence", "count", "refer", "refer", "comparison", "grounding", "identify", "scene")
+    for seed in range(60):
+        _, ann = make_scene(seed)
+        for strict in (True, False):
+            for r in instruct_records(ann, "img.png", n_records=6, multi_turn_prob=1.0, turns=(5, 8), tasks=tasks,
+                                      refuse_given_away=strict):
+                turns = [(h["value"].replace("<image>\n", ""), g["value"])
+                         for h, g in zip(r["conversations"][0::2], r["conversations"][1::2])]
+                known = set()
+                for q, a in turns:
+                    leak = answer_known(q, a, ann, known)
+                    assert not (strict and leak), (q, a, turns)
+                    leaks_default += leak
+                    known |= given_away(q, a, ann)
+                    if strict and q.startswith("Is there"):
+                        yes.append(a == "Yes")
+                long_records += strict and len(turns) >= 5
+    assert long_records > 150 and leaks_default > 100
+    assert 0.35 <= sum(yes) / len(yes) <= 0.6, sum(yes) / len(yes)
+    _, ann = make_scene(3)  # the checker itself: a count after "all ships" gives 2 away
+    refer = question_answer(ann, "refer", __import__("random").Random(0))
+    count = ("How many ships are there in the image?", "2")
+    assert answer_known(*count, ann, given_away(*refer, ann))
+    assert not answer_known(*count, ann, set())
 
 
 def test_grounded_description_and_refer():
