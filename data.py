@@ -406,6 +406,10 @@ class InstructDataset(torch.utils.data.Dataset):
         self.image_paths = [self._check_record(i, record) for i, record in enumerate(records)]
         self.skipped = Counter()  # reason -> count, in this process (each DataLoader worker has its own)
 
+    def text_lengths(self) -> list[int]:
+        """Characters of each record's turns: a proxy of its token count that needs no tokenizing (for grouping)."""
+        return [sum(len(str(turn.get("value", ""))) for turn in record["conversations"]) for record in self.records]
+
     def _check_record(self, i, record):
         """Validate one record; return its resolved image path or None for a text-only record."""
         where = f"{self.json_path}: record {i}"
@@ -489,15 +493,21 @@ def collate(batch, pad_id):
 
 
 class ShardedSampler(torch.utils.data.Sampler):
-    """Deterministic (seed, epoch) order, padded to a multiple of world_size, rank takes every world_size-th index."""
+    """Deterministic (seed, epoch) order, padded to a multiple of world_size, rank takes every world_size-th index.
 
-    def __init__(self, dataset_len, rank, world_size, seed, shuffle=True):
+    With `lengths` and `group_size`, each run of group_size indices of the order is sorted longest first (transformers'
+    group_by_length): consecutive samples, and so the samples of a batch, have similar lengths and little padding."""
+
+    def __init__(self, dataset_len, rank, world_size, seed, shuffle=True, lengths=None, group_size=0):
         if dataset_len < 1:
             raise ValueError(f"dataset_len must be >= 1, got {dataset_len}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+        if lengths is not None and len(lengths) != dataset_len:
+            raise ValueError(f"lengths has {len(lengths)} entries for a dataset of {dataset_len}")
         self.dataset_len, self.rank, self.world_size = dataset_len, rank, world_size
         self.seed, self.shuffle = seed, shuffle
+        self.lengths, self.group_size = lengths, group_size
         self.num_samples = math.ceil(dataset_len / world_size)  # per rank, per full epoch
         self.epoch, self.start_index = 0, 0
 
@@ -514,6 +524,9 @@ class ShardedSampler(torch.utils.data.Sampler):
             indices = torch.randperm(self.dataset_len, generator=generator).tolist()
         else:
             indices = list(range(self.dataset_len))
+        if self.lengths is not None and self.group_size > 1:
+            indices = [i for start in range(0, len(indices), self.group_size)
+                       for i in sorted(indices[start:start + self.group_size], key=lambda i: -self.lengths[i])]
         total = self.num_samples * self.world_size
         indices = (indices * math.ceil(total / self.dataset_len))[:total]  # pad by repeating from the start
         return indices[self.rank::self.world_size]

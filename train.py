@@ -94,6 +94,7 @@ CKPT, CKPT_TMP, CKPT_OLD = "ckpt", "ckpt.tmp", "ckpt.old"
 TRAIN_STATE = "train_state.pt"
 OPTIMIZER_DIR = "optimizer"  # in a checkpoint: the torch.distributed.checkpoint directory of the optimizer state
 METRICS = "metrics.jsonl"
+LENGTH_GROUP_BATCHES = 50  # --group-by-length: global batches per sorted run (transformers' megabatch_mult)
 # The reasons data.InstructDataset counts in its `skipped` Counter.
 # Fault injection for tests only: GEOCHAT_TEST_KILL_AT="<save step>:<train step>" makes the save of that
 # train step os._exit(KILL_EXIT_CODE) right after that save step.
@@ -152,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=2048,
                    help="text ids kept per sample (the reference's model_max_length), the <image> placeholder counted "
                         "as one; the image features come on top")
+    p.add_argument("--group-by-length", action="store_true",
+                   help=f"batches of records of similar length (each run of {LENGTH_GROUP_BATCHES} global batches of "
+                        "the shuffled order sorted longest first, as transformers' group_by_length): less padding, "
+                        "but records of one task often share a length, so a batch may hold one task")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per decoder block")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder block")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
@@ -460,7 +465,9 @@ def micro_batches(dataset, args, rank, world, epoch, step_in_epoch, steps_per_ep
     """This rank's micro-batches from (epoch, step_in_epoch) on, epoch after epoch (see module docstring)."""
     per_rank = args.global_batch // world
     workers = args.num_workers if args.num_workers is not None else (4 if args.device == "cuda" else 0)
-    sampler = ShardedSampler(len(dataset), rank, world, args.seed, shuffle=True)
+    lengths = dataset.text_lengths() if args.group_by_length else None
+    sampler = ShardedSampler(len(dataset), rank, world, args.seed, shuffle=True, lengths=lengths,
+                             group_size=LENGTH_GROUP_BATCHES * args.global_batch)
     while True:
         sampler.set_epoch(epoch, start_index=step_in_epoch * per_rank)
         loader = torch.utils.data.DataLoader(
@@ -829,9 +836,12 @@ def train(args, rank, world, device, out, ckpt, tokenizer, tokenizer_path, model
     run_info = {"mode": args.mode, "train_modules": train_modules(args), "global_batch": args.global_batch,
                 "seed": args.seed, "dataset_len": len(dataset), "total_steps": total_steps, "lora_r": args.lora_r,
                 "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout}
+    if args.group_by_length:  # absent otherwise, so that checkpoints written before the flag existed still resume
+        run_info["group_by_length"] = True
     if ckpt is not None:
         state = read_train_state(ckpt, rank, world)  # the optimizer state on rank 0 only
-        changed = {k: (state["run"].get(k), v) for k, v in run_info.items() if state["run"].get(k) != v}
+        changed = {k: (state["run"].get(k), run_info.get(k)) for k in run_info.keys() | state["run"].keys()
+                   if state["run"].get(k) != run_info.get(k)}
         if changed:
             fail(f"cannot resume {ckpt}: settings differ from the checkpoint's (checkpoint, now): {changed}")
         load_trainable(model, ckpt, args)

@@ -660,3 +660,28 @@ def test_sharded_sampler():
             ShardedSampler(*args)
     with pytest.raises(ValueError, match="start_index"):
         samplers[1].set_epoch(0, start_index=4)
+
+
+def test_sharded_sampler_groups_by_length():
+    """lengths + group_size: each run of group_size indices of the same shuffled order is sorted longest first, so a
+    batch spans a narrow range of lengths; every epoch is still a permutation, and ranks split it as before."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(10, 500, (400,), generator=gen).tolist()
+    plain = ShardedSampler(400, 0, 1, seed=3)
+    grouped = ShardedSampler(400, 0, 1, seed=3, lengths=lengths, group_size=96)  # six batches of 16 a run
+    order, base = list(grouped), list(plain)
+    assert sorted(order) == list(range(400))
+    for start in range(0, 400, 96):  # the same samples in each run, longest first
+        run = order[start:start + 96]
+        assert sorted(run) == sorted(base[start:start + 96])
+        assert [lengths[i] for i in run] == sorted((lengths[i] for i in run), reverse=True)
+
+    def spread(indices, batch=16):  # mean max-min length within batches
+        chunks = [indices[a:a + batch] for a in range(0, len(indices) - batch + 1, batch)]
+        return sum(max(lengths[i] for i in c) - min(lengths[i] for i in c) for c in chunks) / len(chunks)
+
+    assert spread(order) < 0.3 * spread(base)
+    ranks = [list(ShardedSampler(400, r, 2, seed=3, lengths=lengths, group_size=96)) for r in range(2)]
+    assert ranks == [order[0::2], order[1::2]]
+    with pytest.raises(ValueError, match="lengths"):
+        ShardedSampler(400, 0, 1, seed=3, lengths=lengths[:10], group_size=96)

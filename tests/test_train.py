@@ -222,7 +222,8 @@ def test_resume_after_ctrl_c_mid_save_matches_straight_run(setup_dir, tmp_path, 
     with pytest.raises(SystemExit) as e:  # no silent overwrite of a run
         run_main(base_args(setup_dir, killed, *common))
     assert e.value.code == 2 and "already holds a checkpoint" in capsys.readouterr().err
-    for changed in (["--lora-r", 8], ["--lora-dropout", 0.1]):  # a resume must keep the run's geometry and LoRA
+    for changed in (["--lora-r", 8], ["--lora-dropout", 0.1], ["--group-by-length"]):  # a resume keeps the run's
+        # geometry, LoRA and data order
         with pytest.raises(SystemExit) as e:
             run_main(base_args(setup_dir, killed, *common, "--resume", *changed))
         err = capsys.readouterr().err.strip().splitlines()
