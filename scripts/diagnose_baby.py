@@ -14,7 +14,8 @@
 5. whether the answer depends on the class asked: "Is there a <class>?" for every class on each held-out scene
    (the Yes-minus-No logit margin of present classes against absent ones of the same scene: 0.5 means the answer
    ignores the class), and where single-object [refer] boxes land (on the target, on another object, on nothing)
-   by the number of objects in the scene, where 1/n is what a model that ignores the class gets.
+   by the number of objects in the scene, where 1/n is what a model that ignores the class gets; and, for the boxes
+   on their target, how many would pass IoU 0.5 with the true angle in place of theirs.
 The pipeline itself (each sample trained with its own image, identical preprocessing in training and
 inference) is checked by tests/test_pipeline.py. Everything prints as one report (also --json).
 """
@@ -318,6 +319,35 @@ def refer_landing(answer_rows: list[dict], anns: list[dict]) -> dict:
     return dict(sorted(out.items()))
 
 
+def refer_box_shape(answer_rows: list[dict], anns: list[dict]) -> dict:
+    """How good the single-object [refer] boxes that land on their target are (IoU above 0.05), per class: their
+    acc@0.5, acc@0.5 with the true angle put in place of the answer's (what reading the angle would add), the mean
+    distance of their centres from the target's (grid units); and how many distinct angles all the answers use."""
+    by_image = {a["image"]: a for a in anns}
+    per_class, angles = {}, set()
+    for row in answer_rows:
+        found = parse_boxes(row["answer"]) if row["type"] == "ref" else []
+        if not found:
+            continue
+        answer, truth = found[0], Box(*by_image[row["image"]]["objects"][row["obj_ids"][0]]["grid"])
+        angles.add(answer.angle)
+        iou = polygon_iou(box_polygon_grid(answer), box_polygon_grid(truth))
+        if iou <= 0.05:
+            continue
+        turned = Box(answer.x1, answer.y1, answer.x2, answer.y2, truth.angle)
+        stats = per_class.setdefault(by_image[row["image"]]["objects"][row["obj_ids"][0]]["class"],
+                                     {"on target": 0, "acc@0.5": 0, "acc@0.5 true angle": 0, "centre error": 0.0})
+        stats["on target"] += 1
+        stats["acc@0.5"] += iou >= 0.5
+        stats["acc@0.5 true angle"] += polygon_iou(box_polygon_grid(turned), box_polygon_grid(truth)) >= 0.5
+        stats["centre error"] += math.dist(((answer.x1 + answer.x2) / 2, (answer.y1 + answer.y2) / 2),
+                                           ((truth.x1 + truth.x2) / 2, (truth.y1 + truth.y2) / 2))
+    for stats in per_class.values():
+        n = stats["on target"]
+        stats.update({k: round(stats[k] / n, 3) for k in ("acc@0.5", "acc@0.5 true angle", "centre error")})
+    return {"by class": dict(sorted(per_class.items())), "distinct angles": len(angles)}
+
+
 def print_class_report(report: dict, as_json: bool):
     """Measurement 5 as text (or JSON)."""
     if as_json:
@@ -333,6 +363,11 @@ def print_class_report(report: dict, as_json: bool):
     for n, counts in report.get("refer", {}).items():
         print(f"  [refer] single objects, scenes of {n} object(s): " + ", ".join(f"{k} {v}" for k, v in counts.items())
               + f" (ignoring the class: target {1 / int(n):.0%})")
+    if "refer boxes" in report:
+        shape = report["refer boxes"]
+        print(f"  [refer] boxes on their target, by class ({shape['distinct angles']} distinct angles in all answers):")
+        for cls, stats in shape["by class"].items():
+            print(f"    {cls:13s} " + ", ".join(f"{k} {v}" for k, v in stats.items()))
 
 
 def main(argv=None) -> int:
@@ -372,6 +407,7 @@ def main(argv=None) -> int:
         try:
             rows = bench_eval.read_jsonl(str(refer_answers))
             report["class asked"]["refer"] = refer_landing(rows, all_test_anns)
+            report["class asked"]["refer boxes"] = refer_box_shape(rows, all_test_anns)
         except bench_eval.InputError as e:
             print(e, file=sys.stderr)
             return 2

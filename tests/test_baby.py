@@ -1,9 +1,12 @@
 """Baby GeoChat: the shipped checkpoint answers deterministically, and train.py learns from scratch."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from synthetic.prepare import train_tokenizer, write_dataset
 
@@ -102,7 +105,7 @@ def test_tiles_find_objects_one_view_cannot():
 def test_diagnosis_tells_answers_that_follow_the_class_from_answers_that_ignore_it():
     """scripts/diagnose_baby.py measurement 5: the within-scene AUC and where [refer] boxes land."""
     sys.path.insert(0, str(ROOT / "scripts"))
-    from diagnose_baby import refer_landing, within_scene_auc
+    from diagnose_baby import refer_box_shape, refer_landing, within_scene_auc
 
     follows = [(0, True, 2.0), (0, False, -1.0), (0, False, -3.0), (1, True, 0.5), (1, False, 0.4)]
     assert within_scene_auc(follows) == 1.0
@@ -119,3 +122,13 @@ def test_diagnosis_tells_answers_that_follow_the_class_from_answers_that_ignore_
             {"type": "ref", "image": scene["image"], "obj_ids": [1], "answer": "no box here"},
             {"type": "grounding", "image": scene["image"], "obj_ids": [0, 1], "answer": "{<11><10><30><31>|<0>}"}]
     assert refer_landing(rows, [scene]) == {"2": {"target": 1, "other": 1, "nothing": 1, "no box": 1}}
+
+    # the boxes on their target: a long object answered at the wrong angle passes only with the true one
+    ship = {"image": "test_000001.png", "objects": [{"class": "ship", "grid": [40, 45, 70, 55, 30]}]}
+    rows = [{"type": "ref", "image": ship["image"], "obj_ids": [0], "answer": "{<40><45><70><55>|<80>}"},
+            {"type": "ref", "image": ship["image"], "obj_ids": [0], "answer": "{<41><45><70><56>|<30>}"},
+            {"type": "ref", "image": ship["image"], "obj_ids": [0], "answer": "{<2><2><8><8>|<30>}"}]
+    shape = refer_box_shape(rows, [ship])
+    assert shape["distinct angles"] == 2
+    assert shape["by class"]["ship"] == {"on target": 2, "acc@0.5": 0.5, "acc@0.5 true angle": 1.0,
+                                         "centre error": pytest.approx(0.5 * math.dist((55, 50), (55.5, 50.5)), abs=1e-3)}
