@@ -60,9 +60,10 @@ def row_record(tokenizer, labels: torch.Tensor) -> int:
     return numbers.pop()
 
 
-def trace_batches(dataset, workers: int, steps: int = 3):
+def trace_batches(dataset, workers: int, steps: int = 3, group_by_length: bool = False):
     """Record indices per micro-batch row of the first steps, checking each image against its row."""
-    args = argparse.Namespace(global_batch=8, batch_size=4, num_workers=workers, seed=0, device="cpu")
+    args = argparse.Namespace(global_batch=8, batch_size=4, num_workers=workers, seed=0, device="cpu",
+                              group_by_length=group_by_length)
     tokenizer = dataset.tokenizer
     rows = []
     batches = train.micro_batches(dataset, args, rank=0, world=1, epoch=0, step_in_epoch=0,
@@ -70,13 +71,16 @@ def trace_batches(dataset, workers: int, steps: int = 3):
     for _ in range(steps * 2):
         batch, n_asked, skips = next(batches)
         assert n_asked == 4 and not skips
+        rows.append([row_record(tokenizer, batch["labels"][b]) for b in range(batch["input_ids"].shape[0])])
         image_rows = [b for b in range(batch["input_ids"].shape[0]) if IMAGE_TOKEN_ID in batch["input_ids"][b]]
+        if not image_rows:  # a micro-batch of text-only samples (length grouping gathers them) carries no images
+            assert batch["images"] is None
+            continue
         assert batch["images"].shape[0] == len(image_rows)
         for k, b in enumerate(image_rows):
             i = row_record(tokenizer, batch["labels"][b])
             expected = data.preprocess_image(data.load_image(dataset.image_paths[i]), IMAGE_SIZE)
             assert torch.equal(batch["images"][k], expected), f"row {b} (record {i}) got another record's image"
-        rows.append([row_record(tokenizer, batch["labels"][b]) for b in range(batch["input_ids"].shape[0])])
     return rows
 
 
@@ -84,6 +88,12 @@ def test_every_row_gets_its_own_image_in_the_main_process_and_in_workers(dataset
     in_process = trace_batches(dataset, workers=0)
     assert sorted(i for micro in in_process for i in micro) == list(range(N_RECORDS))  # one epoch, each once
     assert trace_batches(dataset, workers=2) == in_process
+
+
+def test_rows_keep_their_images_when_batches_are_grouped_by_length(dataset):
+    grouped = trace_batches(dataset, workers=0, group_by_length=True)
+    assert sorted(i for micro in grouped for i in micro) == list(range(N_RECORDS))  # still one epoch, each once
+    assert trace_batches(dataset, workers=2, group_by_length=True) == grouped
 
 
 def tiny_model() -> GeoChat:
