@@ -5,8 +5,9 @@
 1. accuracy on *training* scenes against held-out ones (VQA and [refer], through `eval.py run`):
    equal and low means underfitting, high on train only means not generalising;
 2. linear probes on the vision tower's selected-layer features and on the projector's output:
-   presence of each object class (mean-pooled patches) and "an object covers this patch's centre"
-   (per patch, the position signal grounding needs), against the same probes on a freshly
+   presence of each object class (mean-pooled patches), "an object covers this patch's centre"
+   (per patch, the position signal grounding needs) and the covering object's box angle (error in
+   degrees, 22.5 = nothing read), against the same probes on a freshly
    initialised tower, so the gap is what training put there;
 3. gradient norms reaching the tower, the projector and the decoder on one training batch;
 4. where the decoder looks when it answers a presence question: its attention on the image tokens, and
@@ -77,17 +78,26 @@ def bench_accuracy(checkpoint: Path, data_dir: Path, anns: list[dict], out_dir: 
     return metrics
 
 
-def patch_targets(ann: dict, grid: int) -> torch.Tensor:
-    """(grid*grid,) 1.0 where a patch's centre lies inside an object's rotated box."""
-    polys = [box_polygon_grid(Box(*o["grid"])) for o in ann["objects"]]
-    out = torch.zeros(grid * grid)
+def covering_objects(ann: dict, grid: int) -> list[dict | None]:
+    """Per patch (grid*grid), the object whose rotated box holds the patch's centre, or None."""
+    polys = [(box_polygon_grid(Box(*o["grid"])), o) for o in ann["objects"]]
+    out = []
     for k in range(grid * grid):
         cy, cx = (k // grid + 0.5) * 100 / grid, (k % grid + 0.5) * 100 / grid
-        for poly in polys:
-            if point_in_convex(cx, cy, poly):
-                out[k] = 1.0
-                break
+        out.append(next((o for poly, o in polys if point_in_convex(cx, cy, poly)), None))
     return out
+
+
+def patch_targets(ann: dict, grid: int) -> torch.Tensor:
+    """(grid*grid,) 1.0 where a patch's centre lies inside an object's rotated box."""
+    return torch.tensor([float(o is not None) for o in covering_objects(ann, grid)])
+
+
+def patch_angles(ann: dict, grid: int) -> torch.Tensor:
+    """(grid*grid,) the box angle (degrees) of the object covering each patch's centre; nan on ground and on storage
+    tanks (round: their angle is always 0 and says nothing)."""
+    return torch.tensor([o["grid"][4] if o is not None and o["class"] != "storage tank" else math.nan
+                         for o in covering_objects(ann, grid)], dtype=torch.float32)
 
 
 def point_in_convex(x: float, y: float, poly) -> bool:
@@ -140,8 +150,24 @@ def fit_probe(x_train, y_train, x_test, y_test, steps: int = 300) -> float:
     return float((tpr + tnr) / 2)
 
 
+def angle_probe_error(x_train, angle_train, x_test, angle_test, ridge: float = 1.0) -> float:
+    """Mean error in degrees, modulo 90 (a box turned by 90 is the same box with its sides swapped), of a ridge
+    probe reading the box angle off features through (cos 4a, sin 4a); 22.5 is what a probe that reads nothing gets."""
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std  # (N, C)
+    target = torch.stack([torch.cos(torch.deg2rad(4 * angle_train)), torch.sin(torch.deg2rad(4 * angle_train))], -1)
+    target_mean = target.mean(0)
+    gram = x_train.T @ x_train + ridge * torch.eye(x_train.shape[1])  # (C, C)
+    weight = torch.linalg.solve(gram, x_train.T @ (target - target_mean))  # (C, 2)
+    pred = x_test @ weight + target_mean  # (M, 2)
+    pred_angle = torch.rad2deg(torch.atan2(pred[:, 1], pred[:, 0])) / 4 % 90
+    diff = (pred_angle - angle_test).abs() % 90
+    return float(torch.minimum(diff, 90 - diff).mean())
+
+
 def probes(model: GeoChat, data_dir: Path, train_anns, test_anns) -> dict:
-    """Balanced accuracies of presence-per-class and patch-covered probes on tower and projector features."""
+    """Balanced accuracies of presence-per-class and patch-covered probes on tower and projector features, and the
+    error in degrees of an angle probe on the patches of objects with an angle."""
     grid = model.cfg.vision.grid
     tr_t, tr_p = features(model, data_dir, train_anns)
     te_t, te_p = features(model, data_dir, test_anns)
@@ -155,6 +181,11 @@ def probes(model: GeoChat, data_dir: Path, train_anns, test_anns) -> dict:
         y_tr = torch.cat([patch_targets(a, grid) for a in train_anns])
         y_te = torch.cat([patch_targets(a, grid) for a in test_anns])
         row["patch covered"] = fit_probe(tr.flatten(0, 1), y_tr, te.flatten(0, 1), y_te)
+        a_tr = torch.cat([patch_angles(a, grid) for a in train_anns])
+        a_te = torch.cat([patch_angles(a, grid) for a in test_anns])
+        on_tr, on_te = ~a_tr.isnan(), ~a_te.isnan()
+        row["angle error deg"] = angle_probe_error(tr.flatten(0, 1)[on_tr], a_tr[on_tr],
+                                                   te.flatten(0, 1)[on_te], a_te[on_te])
         out[name] = row
     return out
 
@@ -438,7 +469,7 @@ def main(argv=None) -> int:
         rows += [(f"referring {k}", tr["referring"][k], te["referring"][k]) for k in ("acc@0.5", "mean_iou_single")]
         for name, a, b in rows:
             print(f"  {name:28s} {a:6.3f} | {b:6.3f}")
-    print("linear probes, balanced accuracy on held-out scenes (0.5 = chance)")
+    print("linear probes on held-out scenes: balanced accuracy (0.5 = chance); angle error in degrees (22.5 = chance)")
     for init, parts in report["probes"].items():
         for part, row in parts.items():
             print(f"  {init:10s} {part:9s} " + "  ".join(f"{k}={v:.3f}" for k, v in row.items()))

@@ -132,3 +132,28 @@ def test_diagnosis_tells_answers_that_follow_the_class_from_answers_that_ignore_
     assert shape["distinct angles"] == 2
     assert shape["by class"]["ship"] == {"on target": 2, "acc@0.5": 0.5, "acc@0.5 true angle": 1.0,
                                          "centre error": pytest.approx(0.5 * math.dist((55, 50), (55.5, 50.5)), abs=1e-3)}
+
+
+def test_angle_probe_reads_an_angle_the_features_carry_and_not_one_they_do_not():
+    """scripts/diagnose_baby.py measurement 2's angle probe: error in degrees modulo 90, 22.5 when nothing is read."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from diagnose_baby import angle_probe_error, patch_angles
+
+    gen = torch.Generator().manual_seed(0)
+    angles = torch.rand(2000, generator=gen) * 90
+    noise = torch.randn(2000, 16, generator=gen)
+    turn = torch.deg2rad(4 * angles)
+    carried = torch.cat([torch.stack([torch.cos(turn), torch.sin(turn)], -1) + 0.05 * noise[:, :2], noise[:, 2:]], -1)
+    assert angle_probe_error(carried[:1500], angles[:1500], carried[1500:], angles[1500:]) < 2.0
+    # angles on both sides of the wrap (87-90 and 0-3 degrees): 89 and 1 lie 2 apart, not 88
+    wrapped = (torch.rand(2000, generator=gen) * 6 - 3) % 90
+    turn = torch.deg2rad(4 * wrapped)
+    carried = torch.cat([torch.stack([torch.cos(turn), torch.sin(turn)], -1) + 0.01 * noise[:, :2], noise[:, 2:]], -1)
+    assert angle_probe_error(carried[:1500], wrapped[:1500], carried[1500:], wrapped[1500:]) < 1.0
+    assert angle_probe_error(noise[:1500], angles[:1500], noise[1500:], angles[1500:]) > 18.0
+
+    scene = {"objects": [{"class": "ship", "grid": [0, 0, 50, 50, 30]}, {"class": "storage tank", "grid": [50, 50, 100, 100, 0]}]}
+    per_patch = patch_angles(scene, 2)  # patch centres at 25 and 75: one ship patch, one tank patch, two of ground
+    assert per_patch[0] == 30 and per_patch[1:].isnan().all()
