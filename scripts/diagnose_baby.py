@@ -171,6 +171,11 @@ def probes(model: GeoChat, data_dir: Path, train_anns, test_anns) -> dict:
     grid = model.cfg.vision.grid
     tr_t, tr_p = features(model, data_dir, train_anns)
     te_t, te_p = features(model, data_dir, test_anns)
+    covered_tr = torch.cat([patch_targets(a, grid) for a in train_anns])  # (n_train * grid * grid,)
+    covered_te = torch.cat([patch_targets(a, grid) for a in test_anns])
+    a_tr = torch.cat([patch_angles(a, grid) for a in train_anns])  # nan where no object has an angle
+    a_te = torch.cat([patch_angles(a, grid) for a in test_anns])
+    on_tr, on_te = ~a_tr.isnan(), ~a_te.isnan()
     out = {}
     for name, (tr, te) in {"tower": (tr_t, te_t), "projector": (tr_p, te_p)}.items():
         row = {}
@@ -178,12 +183,7 @@ def probes(model: GeoChat, data_dir: Path, train_anns, test_anns) -> dict:
             y_tr = torch.tensor([float(any(o["class"] == cls for o in a["objects"])) for a in train_anns])
             y_te = torch.tensor([float(any(o["class"] == cls for o in a["objects"])) for a in test_anns])
             row["presence " + cls] = fit_probe(tr.mean(1), y_tr, te.mean(1), y_te)
-        y_tr = torch.cat([patch_targets(a, grid) for a in train_anns])
-        y_te = torch.cat([patch_targets(a, grid) for a in test_anns])
-        row["patch covered"] = fit_probe(tr.flatten(0, 1), y_tr, te.flatten(0, 1), y_te)
-        a_tr = torch.cat([patch_angles(a, grid) for a in train_anns])
-        a_te = torch.cat([patch_angles(a, grid) for a in test_anns])
-        on_tr, on_te = ~a_tr.isnan(), ~a_te.isnan()
+        row["patch covered"] = fit_probe(tr.flatten(0, 1), covered_tr, te.flatten(0, 1), covered_te)
         row["angle error deg"] = angle_probe_error(tr.flatten(0, 1)[on_tr], a_tr[on_tr],
                                                    te.flatten(0, 1)[on_te], a_te[on_te])
         out[name] = row

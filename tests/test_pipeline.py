@@ -78,7 +78,7 @@ def trace_batches(dataset, workers: int, steps: int = 3, group_by_length: bool =
             continue
         assert batch["images"].shape[0] == len(image_rows)
         for k, b in enumerate(image_rows):
-            i = row_record(tokenizer, batch["labels"][b])
+            i = rows[-1][b]
             expected = data.preprocess_image(data.load_image(dataset.image_paths[i]), IMAGE_SIZE)
             assert torch.equal(batch["images"][k], expected), f"row {b} (record {i}) got another record's image"
     return rows
