@@ -19,6 +19,9 @@ from dataclasses import dataclass
 
 Point = tuple[float, float]
 _EPS = 1e-12
+# Every value a box string holds (0-100 on the grid, θ 0-89), written as a tokenizer would hold each as one piece
+# (`synthetic/prepare.py tokenizer --box-pieces`; `train.py --box-value-sigma` reads the values through them).
+BOX_VALUE_PIECES = tuple(f"<{v}>" for v in range(101))
 
 
 @dataclass

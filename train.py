@@ -86,6 +86,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora
+from boxes import BOX_VALUE_PIECES
 from data import SKIP_REASONS, TEMPLATES, InstructDataset, ShardedSampler, Tokenizer, collate
 from geochat import DTYPES, GEOCHAT_CONFIGS, IGNORE_INDEX, IMAGE_TOKEN_ID, NATIVE_FORMAT, GeoChat, GeoChatConfig, load_vision_tower
 
@@ -157,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"batches of records of similar length (each run of {LENGTH_GROUP_BATCHES} global batches of "
                         "the shuffled order sorted longest first, as transformers' group_by_length): less padding, "
                         "but records of one task often share a length, so a batch may hold one task")
+    p.add_argument("--box-value-sigma", type=float, default=0.0,
+                   help="> 0: a box value's token (a tokenizer with one piece per value, `synthetic/prepare.py tokenizer "
+                        "--box-pieces`) is trained towards a Gaussian of this many values around the true one (KL "
+                        "divergence) instead of the one true piece, so that a near value costs less than a far one "
+                        "(Baby GeoChat); 0: plain cross entropy, as the reference")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing per decoder block")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder block")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
@@ -192,7 +198,8 @@ def check_args(args):
     if args.epochs < 1:
         raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
     floats = {"--lr": args.lr, "--warmup-ratio": args.warmup_ratio, "--weight-decay": args.weight_decay,
-              "--lora-alpha": args.lora_alpha, "--lora-dropout": args.lora_dropout}
+              "--lora-alpha": args.lora_alpha, "--lora-dropout": args.lora_dropout,
+              "--box-value-sigma": args.box_value_sigma}
     for flag, value in floats.items():
         if not math.isfinite(value):
             raise UsageError(f"{flag} must be a finite number, got {value}")
@@ -200,6 +207,8 @@ def check_args(args):
         raise UsageError(f"--warmup-ratio must be in [0, 1], got {args.warmup_ratio}")
     if args.lr <= 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
+    if args.box_value_sigma < 0:
+        raise UsageError(f"--box-value-sigma must be >= 0, got {args.box_value_sigma}")
     if args.weight_decay < 0:
         raise UsageError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if not 0 <= args.lora_dropout < 1:
@@ -276,11 +285,25 @@ def barrier(world: int):
 class CausalLMLoss(nn.Module):
     """GeoChat plus its training loss (the FSDP root): forward -> sum of the token cross entropies."""
 
-    def __init__(self, model: GeoChat, grad_ckpt: bool = False, compute_dtype: torch.dtype = torch.float32):
+    def __init__(self, model: GeoChat, grad_ckpt: bool = False, compute_dtype: torch.dtype = torch.float32,
+                 box_value_ids: list[int] | None = None, box_value_sigma: float = 0.0):
         super().__init__()
         self.model = model
         self.grad_ckpt = grad_ckpt
         self.compute_dtype = compute_dtype  # the decoder's input: the residual stream and RoPE in this dtype
+        self.box_value_sigma = box_value_sigma
+        if box_value_sigma > 0:  # --box-value-sigma: buffers kept out of the state dict (nothing enters a checkpoint)
+            ids = torch.tensor(box_value_ids)  # (V,) the token id of each box value 0..V-1
+            value_of_token = torch.full((model.cfg.llm.vocab_size,), -1, dtype=torch.long)
+            value_of_token[ids] = torch.arange(len(ids))
+            values = torch.arange(len(ids), dtype=torch.float64)
+            soft = torch.exp(-0.5 * ((values[None, :] - values[:, None]) / box_value_sigma) ** 2)  # (V, V)
+            soft = soft / soft.sum(-1, keepdim=True)
+            self.register_buffer("box_value_ids", ids, persistent=False)
+            self.register_buffer("value_of_token", value_of_token, persistent=False)
+            self.register_buffer("soft_targets", soft.float(), persistent=False)
+            self.register_buffer("soft_neg_entropy", (soft * soft.clamp_min(1e-300).log()).sum(-1).float(),
+                                 persistent=False)  # (V,) sum q log q
 
     def forward(self, input_ids, labels, images=None):
         """Sum of CE(logits[t], labels[t+1]) over labelled positions of a right-padded batch."""
@@ -292,8 +315,19 @@ class CausalLMLoss(nn.Module):
         hidden = llm.hidden_states(embeds, checkpoint_blocks=self.grad_ckpt)  # (B, L, D)
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX  # (B, L-1)
-        logits = llm.lm_head(hidden[:, :-1][keep])  # (n_labelled, vocab)
-        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        logits = llm.lm_head(hidden[:, :-1][keep]).float()  # (n_labelled, vocab)
+        targets = targets[keep]  # (n_labelled,)
+        if self.box_value_sigma == 0:
+            return F.cross_entropy(logits, targets, reduction="sum")
+        # A box value's token: KL(q || p) with q a Gaussian over the box values around the true one (the plain
+        # cross entropy as sigma -> 0), so that a value one off costs less than one far off.
+        log_probs = logits.log_softmax(-1)  # (n, vocab)
+        loss = -log_probs.gather(1, targets[:, None]).squeeze(1)  # (n,)
+        value = self.value_of_token[targets]  # (n,) the target's box value, -1 for any other token
+        on = value >= 0
+        soft = self.soft_targets[value[on]]  # (m, V)
+        kl = self.soft_neg_entropy[value[on]] - (soft * log_probs[on][:, self.box_value_ids]).sum(-1)  # (m,)
+        return loss.index_put((on,), kl).sum()
 
 
 def load_config(name_or_path: str) -> GeoChatConfig:
@@ -778,12 +812,24 @@ def setup(args, rank, world, device):
     cfg = model.cfg
     if tokenizer.vocab_size > cfg.llm.vocab_size:
         raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary only {cfg.llm.vocab_size}")
+    if args.box_value_sigma > 0:
+        box_value_ids(tokenizer, tokenizer_path)  # raises if a value is not one piece
     # the reference truncates the text ids (the placeholder one id) at model_max_length; the image features come on top
     dataset = InstructDataset(args.data, args.image_folder, tokenizer, image_size=cfg.image_size,
                               max_length=args.max_length, n_image_tokens=1, template=args.template)
     if len(dataset) < args.global_batch:
         raise UsageError(f"{args.data} has {len(dataset)} samples, fewer than one global batch ({args.global_batch})")
     return out, ckpt, tokenizer, tokenizer_path, model, dataset
+
+
+def box_value_ids(tokenizer: Tokenizer, path) -> list[int]:
+    """The token id of each box value "<0>" ... "<100>"; UsageError when one is not a single piece."""
+    ids = [tokenizer.sp.piece_to_id(piece) for piece in BOX_VALUE_PIECES]
+    missing = [piece for piece, i in zip(BOX_VALUE_PIECES, ids) if i == tokenizer.unk_id]
+    if missing:
+        raise UsageError(f"--box-value-sigma: tokenizer {path} has no single piece for the box value {missing[0]} "
+                         f"({len(missing)} of {len(ids)} missing; `synthetic/prepare.py tokenizer --box-pieces` makes one)")
+    return ids
 
 
 def fail(message: str):
@@ -836,6 +882,8 @@ def train(args, rank, world, device, out, ckpt, tokenizer, tokenizer_path, model
     run_info = {"mode": args.mode, "train_modules": train_modules(args), "global_batch": args.global_batch,
                 "seed": args.seed, "dataset_len": len(dataset), "total_steps": total_steps, "lora_r": args.lora_r,
                 "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout}
+    if args.box_value_sigma > 0:  # absent otherwise, as group_by_length
+        run_info["box_value_sigma"] = args.box_value_sigma
     if args.group_by_length:  # absent otherwise, so that checkpoints written before the flag existed still resume
         run_info["group_by_length"] = True
     if ckpt is not None:
@@ -851,7 +899,9 @@ def train(args, rank, world, device, out, ckpt, tokenizer, tokenizer_path, model
     if args.compile:
         for layer in model.llm.layers:
             layer.compile()
-    loss_model = CausalLMLoss(model, grad_ckpt=args.grad_ckpt, compute_dtype=dtype)
+    value_ids = box_value_ids(tokenizer, tokenizer_path) if args.box_value_sigma > 0 else None  # checked in setup
+    loss_model = CausalLMLoss(model, grad_ckpt=args.grad_ckpt, compute_dtype=dtype, box_value_ids=value_ids,
+                              box_value_sigma=args.box_value_sigma).to(device)
     if world > 1:
         apply_fsdp(loss_model, world, device, dtype)
     trainable = [p for p in loss_model.parameters() if p.requires_grad]  # after fully_shard: the DTensor params

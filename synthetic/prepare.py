@@ -22,6 +22,7 @@ import sentencepiece
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from boxes import BOX_VALUE_PIECES  # noqa: E402
 from data import TEMPLATES  # noqa: E402
 from eval import BENCHES  # noqa: E402
 from synthetic.scenes import PRETEXT_TASKS, TASKS, bench_questions, instruct_records, make_scene  # noqa: E402
@@ -121,9 +122,6 @@ def write_dataset(out_dir, n_train_images, n_test_images, seed=0, size=128, reco
         for line in _corpus_lines(train_recs + test_recs, bench):
             f.write(line + "\n")
     return paths
-
-
-BOX_VALUE_PIECES = tuple("<%d>" % v for v in range(101))  # every value a box string holds: 0-100 grid, θ 0-89
 
 
 def train_tokenizer(corpus, out_model, vocab_size=2000, box_pieces=False):

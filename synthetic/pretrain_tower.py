@@ -28,7 +28,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import preprocess_image  # noqa: E402
 from geochat import CLIP_KEYS, GeoChat, GeoChatConfig, unmap_keys  # noqa: E402
-from synthetic.prepare import BOX_VALUE_PIECES, UsageError, _writable_dir, image_seed  # noqa: E402
+from boxes import BOX_VALUE_PIECES  # noqa: E402
+from synthetic.prepare import UsageError, _writable_dir, image_seed  # noqa: E402
 from synthetic.scenes import OBJECT_CLASSES, cell_objects, make_scene  # noqa: E402
 from train import UsageError as ConfigError, init_weights, load_config  # noqa: E402
 from vit import VisionTower  # noqa: E402

@@ -520,7 +520,8 @@ def test_object_scale_makes_larger_objects_that_still_fit_and_keeps_scale_one_un
 def test_box_pieces_make_each_box_value_one_token(tmp_path):
     """prepare.py tokenizer --box-pieces: "<0>" ... "<100>" are single pieces; text round-trips exactly."""
     from data import Tokenizer
-    from synthetic.prepare import BOX_VALUE_PIECES, train_tokenizer, write_dataset
+    from boxes import BOX_VALUE_PIECES
+    from synthetic.prepare import train_tokenizer, write_dataset
 
     paths = write_dataset(tmp_path / "synth", n_train_images=6, n_test_images=0, seed=1, records_per_image=2)
     plain, _ = train_tokenizer(paths["corpus"], tmp_path / "plain.model", vocab_size=500)

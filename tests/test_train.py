@@ -389,6 +389,46 @@ def test_loss_matches_full_logits_and_grad_ckpt_is_exact(setup_dir):
     assert train.n_labelled(batch) == int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def test_box_value_sigma_is_kl_to_a_gaussian_over_the_values_and_plain_ce_as_sigma_goes_to_zero(setup_dir):
+    """--box-value-sigma: a box value's target is a Gaussian over the values (KL), every other token plain CE;
+    a tiny sigma gives the plain cross entropy, and a near value costs less than a far one."""
+    batch = tiny_batch(setup_dir)
+    model = GeoChat.from_pretrained(setup_dir["ckpt"], dtype=torch.float32)
+    value_ids = list(range(300, 401))  # stand-ins for the pieces "<0>" ... "<100>"
+    labels = batch["labels"].clone()
+    labelled = (labels != IGNORE_INDEX).nonzero()
+    for k, (b, t) in enumerate(labelled[::2].tolist()):  # every other labelled token becomes a box value
+        labels[b, t] = value_ids[(7 * k) % 101]
+    embeds, _, flat_labels = model.embed_inputs(batch["input_ids"], batch["images"], batch["attention_mask"], labels)
+    log_probs = model.llm(embeds)[:, :-1].log_softmax(-1)  # (B, L-1, vocab)
+    values = torch.arange(101.0)
+    expected = 0.0
+    targets = flat_labels[:, 1:]
+    for (b, t), target in zip((targets != IGNORE_INDEX).nonzero().tolist(), targets[targets != IGNORE_INDEX].tolist()):
+        if target in value_ids:
+            q = torch.exp(-0.5 * (values - value_ids.index(target)) ** 2 / 1.5 ** 2)
+            q = q / q.sum()
+            expected = expected + (torch.special.xlogy(q, q) - q * log_probs[b, t, value_ids]).sum()
+        else:
+            expected = expected - log_probs[b, t, target]
+    with torch.no_grad():
+        soft = train.CausalLMLoss(model, box_value_ids=value_ids, box_value_sigma=1.5)(batch["input_ids"], labels, batch["images"])
+        sharp = train.CausalLMLoss(model, box_value_ids=value_ids, box_value_sigma=0.01)(batch["input_ids"], labels, batch["images"])
+        plain = train.CausalLMLoss(model)(batch["input_ids"], labels, batch["images"])
+    torch.testing.assert_close(soft, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sharp, plain, rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(soft, plain)
+    state = train.CausalLMLoss(model, box_value_ids=value_ids, box_value_sigma=1.0).state_dict()
+    assert not any(k.startswith(("box_value", "value_of", "soft")) for k in state)  # nothing enters a checkpoint
+    # one logit vector that puts all its mass on value 50: a target of 51 costs less than 60
+    loss = train.CausalLMLoss(model, box_value_ids=value_ids, box_value_sigma=1.5)
+    log_p = torch.full((1, 512), -30.0)
+    log_p[0, value_ids[50]] = 0.0
+    log_p = log_p.log_softmax(-1)
+    kl = [float(loss.soft_neg_entropy[v] - (loss.soft_targets[v] * log_p[0, value_ids]).sum()) for v in (50, 51, 60)]
+    assert kl[0] < kl[1] < kl[2]
+
+
 def test_mfu_flops_count_no_weight_gradients_for_frozen_weights():
     """7B shape: full training is 6 FLOPs per decoder weight per token; LoRA ~4 (frozen weights get no weight grads)."""
     with torch.device("meta"):
@@ -517,7 +557,8 @@ def test_skips_are_counted_per_reason(tmp_path, setup_dir, capsys):
 
 BAD_FLAGS = {"nan lr": ["--lr", "nan"], "inf lr": ["--lr", "inf"], "nan warmup": ["--warmup-ratio", "nan"],
              "nan weight decay": ["--weight-decay", "nan"], "inf lora alpha": ["--lora-alpha", "inf"],
-             "nan lora dropout": ["--lora-dropout", "nan"], "lora dropout 1": ["--lora-dropout", 1]}
+             "nan lora dropout": ["--lora-dropout", "nan"], "lora dropout 1": ["--lora-dropout", 1],
+             "negative box value sigma": ["--box-value-sigma", -1], "no box pieces": ["--box-value-sigma", 1]}
 
 
 @pytest.mark.filterwarnings("error:skipping record:UserWarning")
@@ -543,6 +584,8 @@ BAD_FLAGS = {"nan lr": ["--lr", "nan"], "inf lr": ["--lr", "inf"], "nan warmup":
     ("inf lora alpha", "--lora-alpha must be a finite number"),
     ("nan lora dropout", "--lora-dropout must be a finite number"),
     ("lora dropout 1", "--lora-dropout must be in \\[0, 1\\), got 1.0"),
+    ("negative box value sigma", "--box-value-sigma must be >= 0, got -1.0"),
+    ("no box pieces", "--box-value-sigma: tokenizer .*tokenizer.model has no single piece for the box value <0>"),
     ("out under a file", "--out .*file/out is not a writable directory"),
     ("read-only out", "--out .*readonly/out is not a writable directory"),
     ("all images missing", "bad.json: no trainable sample in the 4 samples of step 1: skipped missing_image 4 "),
