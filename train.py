@@ -283,7 +283,8 @@ def barrier(world: int):
 
 
 class CausalLMLoss(nn.Module):
-    """GeoChat plus its training loss (the FSDP root): forward -> sum of the token cross entropies."""
+    """GeoChat plus its training loss (the FSDP root): forward -> sum of the token cross entropies (box values:
+    KL to a Gaussian over the values with box_value_sigma > 0)."""
 
     def __init__(self, model: GeoChat, grad_ckpt: bool = False, compute_dtype: torch.dtype = torch.float32,
                  box_value_ids: list[int] | None = None, box_value_sigma: float = 0.0):
@@ -306,7 +307,7 @@ class CausalLMLoss(nn.Module):
                                  persistent=False)  # (V,) sum q log q
 
     def forward(self, input_ids, labels, images=None):
-        """Sum of CE(logits[t], labels[t+1]) over labelled positions of a right-padded batch."""
+        """Sum of CE(logits[t], labels[t+1]) (or the box-value KL) over labelled positions of a right-padded batch."""
         embeds, _, labels = self.model.embed_inputs(input_ids, images, None, labels)  # (B, L, D), (B, L)
         embeds = embeds.to(self.compute_dtype)  # fp32 token embeddings (full mode's masters) would promote q, k
         llm = self.model.llm
