@@ -411,10 +411,13 @@ def test_box_value_sigma_is_kl_to_a_gaussian_over_the_values_and_plain_ce_as_sig
             expected = expected + (torch.special.xlogy(q, q) - q * log_probs[b, t, value_ids]).sum()
         else:
             expected = expected - log_probs[b, t, target]
-    with torch.no_grad():
-        soft = train.CausalLMLoss(model, box_value_ids=value_ids, box_value_sigma=1.5)(batch["input_ids"], labels, batch["images"])
-        sharp = train.CausalLMLoss(model, box_value_ids=value_ids, box_value_sigma=0.01)(batch["input_ids"], labels, batch["images"])
-        plain = train.CausalLMLoss(model)(batch["input_ids"], labels, batch["images"])
+
+    def loss_with(sigma):
+        with torch.no_grad():
+            return train.CausalLMLoss(model, box_value_ids=value_ids, box_value_sigma=sigma)(
+                batch["input_ids"], labels, batch["images"])
+
+    soft, sharp, plain = loss_with(1.5), loss_with(0.01), loss_with(0.0)
     torch.testing.assert_close(soft, expected, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(sharp, plain, rtol=1e-5, atol=1e-4)
     assert not torch.allclose(soft, plain)
