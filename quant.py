@@ -2,7 +2,11 @@
 
 Symmetric, no zero point: int8 has one float32 scale per output channel (w ~ q * scale, q in [-127, 127]);
 int4 one float32 scale per output channel and group of `group_size` input columns (w ~ q * scale,
-q in [-7, 7]; stored as q + 8). Every decoder linear and `lm_head` is quantised; the vision tower, the projector, the
+q in [-7, 7]; stored as q + 8). Each scale is rounded up to a bfloat16 value before the weight is rounded to it:
+the packed CPU kernels take their scales in bf16 (and GPU int8 multiplies by them in the activations' dtype), and
+a scale rounded to bf16 there (up to 0.4% off) would scale its channel wrongly at every token, a bias that moved
+the baby's held-out single-object `[refer]` boxes from float32's 28.3% to 26.9% under int8 (28.0% with the
+rounded-up scales). Every decoder linear and `lm_head` is quantised; the vision tower, the projector, the
 token embeddings and the norms stay in the model's dtype (the tower and projector run once per image
 as a compute-bound prefill, where low-bit storage saves no time, and they are 4% of GeoChat-7B).
 
@@ -16,7 +20,8 @@ Kernels (`QuantLinear.forward`), chosen by device and by rows M = batch x tokens
 - CPU decode (M <= DECODE_MAX_ROWS): aten's packed kernels, `_weight_int8pack_mm` and
   `_weight_int4pack_mm_for_cpu` (int4 weights repacked into aten's CPU layout at load time), on activations
   rounded to bfloat16: with float32 activations both reach a reference loop 10-30x slower.
-  (int4 layers with N % 16 != 0 or a group size aten refuses dequantise as in prefill.)
+  (int4 layers with N % 16 != 0 or a group size aten refuses dequantise as in prefill; int8 scales bf16 cannot
+  hold, from a checkpoint quantised before scales were rounded up, go after the kernel in float32.)
 - CPU prefill: dequantise into the compute dtype, then one GEMM. The compute dtype is float32 unless
   the activations are bfloat16 and the CPU has AMX (prefill_dtype: bf16 GEMMs are slower than float32 on
   AVX2, which emulates bf16, and also on AVX512-BF16 without AMX).
@@ -51,10 +56,17 @@ def int4_group_size(in_features: int, group_size: int) -> int:
     return size
 
 
+def round_up_to_bfloat16(scale: torch.Tensor) -> torch.Tensor:
+    """The smallest bfloat16 values >= each float32 scale, as float32 (exact in bf16, so a kernel's bf16 copy is exact)."""
+    rounded = scale.to(torch.bfloat16)
+    up = torch.nextafter(rounded, torch.full_like(rounded, float("inf")))
+    return torch.where(rounded.float() < scale, up, rounded).float()
+
+
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 q (N, K) and float32 scales (N,) of a float weight (N, K), symmetric per output channel."""
     w = weight.float()
-    scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127  # (N,)
+    scale = round_up_to_bfloat16(w.abs().amax(dim=1).clamp_min(1e-12) / 127)  # (N,)
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
@@ -63,7 +75,7 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     """Packed uint8 (N, K/2) and float32 scales (N, K/group_size) of a float weight (N, K), symmetric per group."""
     N, K = weight.shape
     w = weight.float().view(N, K // group_size, group_size)
-    scale = w.abs().amax(dim=2).clamp_min(1e-12) / 7  # (N, G): q in [-7, 7], no clipping
+    scale = round_up_to_bfloat16(w.abs().amax(dim=2).clamp_min(1e-12) / 7)  # (N, G): q in [-7, 7], no clipping
     q = torch.round(w / scale[:, :, None]).clamp_(-7, 7).to(torch.int8).view(N, K)
     return pack_int4(q), scale  # (N, K/2)
 
@@ -163,6 +175,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("packed_cpu_weight", None, persistent=False)
         # on CPU, the scales in the packed kernels' bfloat16: (N,) for int8, (K/group, N, 2) scales and zeros for int4
         self.register_buffer("kernel_scales", None, persistent=False)
+        # int8 on CPU with scales bf16 cannot hold (a checkpoint quantised before scales were rounded up to bf16): the
+        # kernel gets unit scales and its output is multiplied by these float32 ones (N,)
+        self.register_buffer("output_scales", None, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: str, group_size: int = DEFAULT_GROUP_SIZE) -> "QuantLinear":
@@ -183,6 +198,8 @@ class QuantLinear(nn.Module):
             return self
         if self.mode == "int8":
             self.kernel_scales = self.weight_scale.to(torch.bfloat16)
+            if not torch.equal(self.kernel_scales.float(), self.weight_scale):
+                self.kernel_scales, self.output_scales = torch.ones_like(self.kernel_scales), self.weight_scale
         elif self.group_size in ATEN_INT4_GROUP_SIZES and self.out_features % 16 == 0:  # what aten's CPU kernel takes
             values = (unpack_int4(self.weight) + 8).to(torch.int32)  # (N, K) in 0..15
             aten = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 1)
@@ -226,6 +243,8 @@ class QuantLinear(nn.Module):
             flat = x.reshape(rows, self.in_features).to(torch.bfloat16)  # (M, K)
             if self.mode == "int8":
                 out = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.kernel_scales)
+                if self.output_scales is not None:
+                    out = out * self.output_scales
             else:
                 packed = self.weight if self.aten_block_rows else self.packed_cpu_weight
                 out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.group_size, self.kernel_scales)

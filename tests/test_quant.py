@@ -54,6 +54,43 @@ def test_every_kernel_computes_with_the_dequantised_weight(out_features, in_feat
     assert layer(bf16).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("mode", quant.QUANT_MODES)
+def test_scales_are_bfloat16_values_that_clip_nothing(mode):
+    """The packed kernels' bf16 copy of each scale is the scale itself; every weight is within q's range of it."""
+    torch.manual_seed(0)
+    weight = torch.randn(64, 256) * torch.logspace(-4, 1, 64)[:, None]  # rows of very different magnitudes
+    if mode == "int8":
+        q, scale = quant.quantize_int8(weight)
+        limit, per_element = 127, scale[:, None]
+    else:
+        packed, scale = quant.quantize_int4(weight, 128)
+        q, limit, per_element = quant.unpack_int4(packed), 7, scale.repeat_interleave(128, 1)
+    assert scale.dtype == torch.float32 and torch.equal(scale.to(torch.bfloat16).float(), scale)
+    assert (weight.abs() <= limit * per_element).all() and q.abs().max() <= limit
+    layer = quant.QuantLinear.from_linear(torch.nn.Linear(256, 64, bias=False), mode)
+    if mode == "int8":  # the kernel's own scales, nothing multiplied after it
+        assert torch.equal(layer.kernel_scales.float(), layer.weight_scale) and layer.output_scales is None
+
+
+def test_int8_scales_bfloat16_cannot_hold_are_applied_in_float32():
+    """A checkpoint quantised with scales off the bf16 grid: no channel is biased by its scale rounded to bf16.
+
+    Such a bias cost the baby 1.4 points of held-out [refer] boxes. Scales 1 + 3/1024 round to 1.0 in bf16 (0.29%
+    off); applied in float32, the decode output's gain against the exact float32 product (least squares) stays 1
+    up to the bf16 rounding noise of activations and outputs, which averages out (measured 1 + 2.5e-5, and
+    1 - 0.29% with the scales in the kernel).
+    """
+    torch.manual_seed(0)
+    layer = quant.QuantLinear(256, 64, "int8")
+    layer.weight = torch.randint(-127, 128, (64, 256), dtype=torch.int8)
+    layer.weight_scale = torch.full((64,), 1 + 3 / 1024)
+    layer.prepare_kernels()
+    x = torch.randn(quant.DECODE_MAX_ROWS, 256)
+    exact = x @ layer.dequantized(torch.float32).T  # (M, N)
+    gain = float((layer(x) * exact).sum() / (exact * exact).sum())  # the least-squares a in layer(x) ~ a * exact
+    assert abs(gain - 1) < 3e-4, f"decode output is {gain - 1:+.3%} off on average"
+
+
 @pytest.mark.parametrize("out_features,in_features,mode", SHAPES)
 def test_state_dict_is_the_checkpoint_layout_after_repacking(out_features, in_features, mode):
     linear = torch.nn.Linear(in_features, out_features, bias=False)
@@ -88,11 +125,12 @@ def logit_agreement(reference, candidate):
     return relative, top1
 
 
-# mode: (most max |dlogit| / max |logit|, least top-1 agreement); measured 0.0084 / 0.975 and 0.110 / 0.850 on the small
-# config, 0.0087 / 0.989 and 0.0775 / 0.917 on the shipped baby (printed with pytest -s; the previous baby: 0.0268 / 0.990
-# and 0.156 / 0.946)
+# mode: (most max |dlogit| / max |logit|, least top-1 agreement); measured 0.0082 / 0.962 and 0.112 / 0.850 on the small
+# config, 0.0077 / 0.988 and 0.0902 / 0.904 on the shipped baby (printed with pytest -s; before scales were rounded up to
+# bf16 values 0.0084 / 0.975, 0.110 / 0.850, 0.0087 / 0.989 and 0.0775 / 0.917; the previous baby: 0.0268 / 0.990 and
+# 0.156 / 0.946)
 SMALL_BOUNDS = {"int8": (0.02, 0.95), "int4": (0.15, 0.80)}
-BABY_BOUNDS = {"int8": (0.04, 0.97), "int4": (0.20, 0.90)}
+BABY_BOUNDS = {"int8": (0.04, 0.97), "int4": (0.20, 0.88)}
 
 
 @pytest.mark.parametrize("mode", quant.QUANT_MODES)
