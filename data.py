@@ -261,22 +261,32 @@ def build_prompt(turns, template="llava_v1"):
 
 TASKS = ("grounding", "refer", "identify", "vqa", "scene", "caption", "chat")
 VQA_SUFFIX = "Answer the question using a single word or phrase."  # after every VQA question, in training and GeoChat-Bench
+DESCRIBE = "Describe the image in detail."
+REFER_HEAD = "Give me the location of"
+IDENTIFY_HEAD = "What is the object present at"
+SCENE_HEAD = "Classify the given image in one of the following classes. Classes:"
+SCENE_TAIL = " \nAnswer in one word or a short phrase."  # after the classes' "." (the bench files' space and newline)
+# The words of the prompts that never change, each as the tokenizer sees it: with the space before it (at the text's
+# start SentencePiece's dummy prefix is that space). `synthetic/prepare.py tokenizer --prompt-pieces` makes each one
+# tokenizer piece, so that a baby model spends its compute on the words that carry the question.
+FIXED_PROMPT_PHRASES = (" " + SYSTEM_LLAVA_V1, " " + SYSTEM_VICUNA_V1, VQA_SUFFIX, " " + DESCRIBE, " " + REFER_HEAD,
+                        " " + IDENTIFY_HEAD, " " + SCENE_HEAD, SCENE_TAIL)
 
 
 def task_prompt(task, question=None, classes=None, box=None, expression=None):
     """The user text GeoChat was tuned on for one task (without the "<image>\\n" prefix)."""
     if task == "grounding":
-        return f"[grounding] {question or 'Describe the image in detail.'}"
+        return f"[grounding] {question or DESCRIBE}"
     if task == "caption":
-        return question or "Describe the image in detail."
+        return question or DESCRIBE
     if task == "refer":
         if not expression:
             raise ValueError("task 'refer' needs expression= (the object to locate)")
-        return f"[refer] Give me the location of <p> {expression} </p>"
+        return f"[refer] {REFER_HEAD} <p> {expression} </p>"
     if task == "identify":
         if box is None:
             raise ValueError("task 'identify' needs box= (a Box or a '{<x1><y1><x2><y2>|<θ>}' string)")
-        return f"[identify] What is the object present at {box if isinstance(box, str) else format_box(box)}"
+        return f"[identify] {IDENTIFY_HEAD} {box if isinstance(box, str) else format_box(box)}"
     if task == "vqa":
         if not question:
             raise ValueError("task 'vqa' needs question=")
@@ -287,7 +297,7 @@ def task_prompt(task, question=None, classes=None, box=None, expression=None):
         if question:
             raise ValueError("task 'scene' takes no question: its prompt is fixed, only the classes change")
         classes = classes if isinstance(classes, str) else ", ".join(classes)
-        return f"Classify the given image in one of the following classes. Classes: {classes}. \nAnswer in one word or a short phrase."
+        return f"{SCENE_HEAD} {classes}.{SCENE_TAIL}"
     if task == "chat":
         if not question:
             raise ValueError("task 'chat' needs question=")

@@ -34,7 +34,7 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "baby-geo
 MIN_TILE = 16  # smallest --tile, in pixels
 DEFAULT_TILE_BATCH = 8  # tiles per batch when --tile-batch is not given
 MIN_COMPILED_CAPACITY = 256  # smallest KV cache of a compiled session; sizes double from here
-DEFAULT_QUESTIONS = {"vqa": "What is in the image?", "chat": "Describe the image in detail."}
+DEFAULT_QUESTIONS = {"vqa": "What is in the image?", "chat": data.DESCRIBE}
 NON_FINITE = -1  # the token a row gets when its logits hold NaN or Inf (checked before the stop token)
 
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from boxes import BOX_VALUE_PIECES  # noqa: E402
-from data import TEMPLATES  # noqa: E402
+from data import FIXED_PROMPT_PHRASES, TEMPLATES  # noqa: E402
 from eval import BENCHES  # noqa: E402
 from synthetic.scenes import PRETEXT_TASKS, TASKS, bench_questions, instruct_records, make_scene  # noqa: E402
 
@@ -124,15 +124,19 @@ def write_dataset(out_dir, n_train_images, n_test_images, seed=0, size=128, reco
     return paths
 
 
-def train_tokenizer(corpus, out_model, vocab_size=2000, box_pieces=False):
+def train_tokenizer(corpus, out_model, vocab_size=2000, box_pieces=False, prompt_pieces=False):
     """Train a Llama-style SentencePiece BPE tokenizer.model (unk 0, bos 1, eos 2, byte fallback); returns (path, pieces).
 
     box_pieces: each box value "<0>" ... "<100>" becomes one piece of its own (a box is then 8 pieces, its values
     read as 101-way choices, instead of 16 with one digit a piece as in Llama's tokenizer).
+    prompt_pieces: each of data.FIXED_PROMPT_PHRASES (the system prompts, the VQA and scene instructions, the refer
+    and identify heads) becomes one piece: the synthetic records' text falls from 140 to 81 tokens on average.
     """
     out_model = Path(out_model)
     out_model.parent.mkdir(parents=True, exist_ok=True)
-    extra = {"user_defined_symbols": list(BOX_VALUE_PIECES)} if box_pieces else {}
+    symbols = (list(BOX_VALUE_PIECES) if box_pieces else []) + \
+        ([phrase.replace(" ", "\u2581") for phrase in FIXED_PROMPT_PHRASES] if prompt_pieces else [])  # "▁": a space
+    extra = {"user_defined_symbols": symbols} if symbols else {}
     sentencepiece.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(out_model.with_suffix("")), model_type="bpe", vocab_size=vocab_size,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, split_digits=True, add_dummy_prefix=True,
@@ -194,15 +198,17 @@ def tokenizer_main(args):
         raise UsageError(f"--corpus {corpus}: no such file")
     if corpus.stat().st_size == 0:
         raise UsageError(f"--corpus {corpus}: the file is empty")
-    least = MIN_VOCAB_SIZE + (len(BOX_VALUE_PIECES) if args.box_pieces else 0)
+    least = MIN_VOCAB_SIZE + (len(BOX_VALUE_PIECES) if args.box_pieces else 0) + \
+        (len(FIXED_PROMPT_PHRASES) if args.prompt_pieces else 0)
     if args.vocab_size < least:
         raise UsageError(f"--vocab-size must be >= {least} (256 byte pieces come first"
-                         f"{', then the 101 box values' if args.box_pieces else ''}), got {args.vocab_size}")
+                         f"{', then the 101 box values' if args.box_pieces else ''}"
+                         f"{', then the fixed prompt phrases' if args.prompt_pieces else ''}), got {args.vocab_size}")
     out = Path(args.out)
     if out.is_dir():
         raise UsageError(f"--out {out}: is a directory; give the tokenizer.model file to write")
     _writable_dir(out.parent, "--out")
-    path, pieces = train_tokenizer(corpus, out, args.vocab_size, args.box_pieces)
+    path, pieces = train_tokenizer(corpus, out, args.vocab_size, args.box_pieces, args.prompt_pieces)
     print(f"wrote {path} ({pieces} pieces)")
     if pieces < args.vocab_size:
         print(f"note: the corpus only supports {pieces} pieces, fewer than --vocab-size {args.vocab_size}", file=sys.stderr)
@@ -241,6 +247,9 @@ def build_parser():
     t.add_argument("--vocab-size", type=int, default=2000, help="pieces to learn (fewer if the corpus is small)")
     t.add_argument("--box-pieces", action="store_true", help="one piece for each box value <0> ... <100> (Baby GeoChat's "
                    "tokenizer: a box coordinate is one token, not one or two digits)")
+    t.add_argument("--prompt-pieces", action="store_true", help="one piece for each fixed phrase of the prompts (the "
+                   "system prompt, the VQA and scene instructions, ...): shorter sequences, so faster training of a "
+                   "small model; the prompts' text is unchanged")
     t.set_defaults(func=tokenizer_main)
     return p
 

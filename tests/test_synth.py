@@ -450,6 +450,8 @@ def test_prepare_cli_refuses_bad_input(tmp_path):
         (["tokenizer", "--corpus", str(corpus), "--out", str(tmp_path)], "is a directory"),
         (["tokenizer", "--corpus", str(corpus), "--out", str(tmp_path / "t.model"), "--vocab-size", "350", "--box-pieces"],
          "--vocab-size must be >= 401"),
+        (["tokenizer", "--corpus", str(corpus), "--out", str(tmp_path / "t.model"), "--vocab-size", "405", "--box-pieces",
+          "--prompt-pieces"], "--vocab-size must be >= 409"),
     ]
     for argv, message in cases:
         r = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True)
@@ -465,10 +467,44 @@ def test_tokenizer_says_when_the_corpus_gives_fewer_pieces(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("two planes\n" * 50)
     out = tmp_path / "tokenizer.model"
-    tokenizer_main(argparse.Namespace(corpus=str(corpus), out=str(out), vocab_size=2000, box_pieces=False))
+    tokenizer_main(argparse.Namespace(corpus=str(corpus), out=str(out), vocab_size=2000, box_pieces=False, prompt_pieces=False))
     pieces = sentencepiece.SentencePieceProcessor(model_file=str(out)).get_piece_size()
     assert pieces < 2000
     assert f"the corpus only supports {pieces} pieces, fewer than --vocab-size 2000" in capsys.readouterr().err
+
+
+def test_prompt_pieces_make_each_fixed_phrase_one_token_and_change_no_text(tmp_path):
+    """prepare.py tokenizer --prompt-pieces: each fixed prompt phrase, where the prompts write it, is one piece; every
+    training record's tokens decode to the same text as with the plain tokenizer, and its labels mark the same answers."""
+    from data import FIXED_PROMPT_PHRASES, Tokenizer, encode_conversation, task_prompt
+    from synthetic.prepare import train_tokenizer, write_dataset
+
+    paths = write_dataset(tmp_path / "synth", n_train_images=8, n_test_images=0, seed=1, records_per_image=3,
+                          multi_turn_prob=0.5)
+    plain, _ = train_tokenizer(paths["corpus"], tmp_path / "plain.model", vocab_size=600, box_pieces=True)
+    short, _ = train_tokenizer(paths["corpus"], tmp_path / "short.model", vocab_size=600, box_pieces=True,
+                               prompt_pieces=True)
+    tok, ref = Tokenizer(short), Tokenizer(plain)
+    phrase_ids = {tok.sp.piece_to_id(p.replace(" ", "\u2581")) for p in FIXED_PROMPT_PHRASES}
+    assert tok.unk_id not in phrase_ids and len(phrase_ids) == len(FIXED_PROMPT_PHRASES)
+    turns = [(f"<image>\n{task_prompt('vqa', question='Is there a ship in the image?')}", "No"),
+             (task_prompt("scene", classes=["water", "urban"]), "water"),
+             (task_prompt("refer", expression="the ship"), "{<1><2><3><4>|<5>}"),
+             (task_prompt("identify", box="{<1><2><3><4>|<5>}"), "A ship."), (task_prompt("grounding"), "A ship.")]
+    for template in ("llava_v1", "vicuna_v1"):
+        conversations = [{"from": who, "value": text} for turn in turns for who, text in zip(("human", "gpt"), turn)]
+        ids, labels = encode_conversation(tok, conversations, template)
+        assert len(phrase_ids & set(ids)) == 7  # one system prompt of the two, and the six instructions
+        ref_ids, ref_labels = encode_conversation(ref, conversations, template)
+        assert tok.decode(ids) == ref.decode(ref_ids)
+        assert len(ids) <= len(ref_ids) - 40
+    records = json.loads(paths["train"].read_text())
+    for record in records:
+        ids, labels = encode_conversation(tok, record["conversations"], "llava_v1")
+        ref_ids, ref_labels = encode_conversation(ref, record["conversations"], "llava_v1")
+        assert tok.decode(ids) == ref.decode(ref_ids)
+        assert tok.decode([i for i, lab in zip(ids, labels) if lab != -100]) == \
+            ref.decode([i for i, lab in zip(ref_ids, ref_labels) if lab != -100])
 
 
 def test_grid_pretext_answer_marks_the_cells_an_object_covers():
