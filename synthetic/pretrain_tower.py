@@ -1,6 +1,7 @@
 """Pretrain Baby GeoChat's vision tower on the synthetic world, as CLIP is pretrained before GeoChat.
 
     python synthetic/pretrain_tower.py --config baby --out DIR [--n-train 8000] [--seed 0] [--steps 800]
+                                       [--schedule constant|cosine]
 
 GeoChat starts from a pretrained CLIP tower and keeps it frozen; a tower trained from scratch through the
 decoder's answers never becomes readable (README, "Why it does not find objects"). This script gives the
@@ -31,7 +32,7 @@ from geochat import CLIP_KEYS, GeoChat, GeoChatConfig, unmap_keys  # noqa: E402
 from boxes import BOX_VALUE_PIECES  # noqa: E402
 from synthetic.prepare import UsageError, _writable_dir, image_seed  # noqa: E402
 from synthetic.scenes import OBJECT_CLASSES, cell_objects, make_scene  # noqa: E402
-from train import UsageError as ConfigError, init_weights, load_config  # noqa: E402
+from train import UsageError as ConfigError, init_weights, load_config, lr_at  # noqa: E402
 from vit import VisionTower  # noqa: E402
 
 GROUND_WEIGHT = 0.2  # most patches are ground: their class loss counts this much
@@ -130,14 +131,22 @@ def save_clip_dir(tower: VisionTower, out: Path):
     (out / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
 
 
-def fit(tower, head, images, classes, boxes, steps, batch_size, lr, progress=True):
-    """AdamW on patch_loss over random batches (torch's global RNG), linear warmup over the first 5% of the steps."""
-    opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.0)
+def tower_lr(step, steps, peak, schedule):
+    """The lr of step `step` (0-based): linear warmup over the first 5% of the steps, then `peak` held
+    ("constant", the shipped baby's tower) or cosine to 0 (train.py's schedule, "cosine")."""
     warmup = max(1, steps // 20)
+    if schedule == "constant":
+        return peak * min(1.0, (step + 1) / warmup)
+    return lr_at(step + 1, steps + 1, warmup, peak)  # one step on: the first step trains at peak / warmup, not 0
+
+
+def fit(tower, head, images, classes, boxes, steps, batch_size, lr, progress=True, schedule="constant"):
+    """AdamW on patch_loss over random batches (torch's global RNG), lr from tower_lr."""
+    opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.0)
     bar = tqdm(range(steps), desc="tower", unit="step", disable=not progress)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / warmup)
+            g["lr"] = tower_lr(step, steps, lr, schedule)
         idx = torch.randint(0, len(images), (batch_size,))
         loss = patch_loss(head, tower(images[idx].float()), classes[idx], boxes[idx])
         opt.zero_grad(set_to_none=True)
@@ -156,8 +165,8 @@ def pretrain(args, cfg: GeoChatConfig) -> dict:
     train = render(args.data_seed, 0, args.n_train, cfg.image_size, tower.grid, args.object_scale)
     test = render(args.data_seed, 1, args.n_test, cfg.image_size, tower.grid, args.object_scale)
     start = time.time()
-    fit(tower, head, *train[:3], args.steps, args.batch_size, args.lr)
-    metrics = {"steps": args.steps, "seconds": round(time.time() - start, 1), **evaluate(tower, head, *test[:3])}
+    fit(tower, head, *train[:3], args.steps, args.batch_size, args.lr, schedule=args.schedule)
+    metrics = {"steps": args.steps, "schedule": args.schedule, "seconds": round(time.time() - start, 1), **evaluate(tower, head, *test[:3])}
     save_clip_dir(tower, Path(args.out))
     (Path(args.out) / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -175,6 +184,8 @@ def build_parser():
     p.add_argument("--steps", type=int, default=800, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=32, help="scenes per step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (linear warmup over 5%% of the steps)")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="after the warmup: hold the peak lr (the shipped baby's tower) or cosine to 0")
     p.add_argument("--seed", type=int, default=0, help="init and batch-order seed")
     return p
 

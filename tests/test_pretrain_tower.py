@@ -119,6 +119,26 @@ def test_a_tower_of_another_shape_is_refused_in_one_line(setup_dir, tower_dir, t
     assert e.value.code == 2 and "not a CLIP directory" in capsys.readouterr().err
 
 
+def test_tower_schedules_share_the_warmup_then_hold_or_decay_to_zero():
+    steps, peak = 200, 1e-3
+    constant = [pretrain_tower.tower_lr(s, steps, peak, "constant") for s in range(steps)]
+    cosine = [pretrain_tower.tower_lr(s, steps, peak, "cosine") for s in range(steps)]
+    warmup = steps // 20
+    assert constant[:warmup] == pytest.approx(cosine[:warmup]) and constant[0] == pytest.approx(peak / warmup)
+    assert constant[warmup - 1:] == [peak] * (steps - warmup + 1)  # the shipped tower's schedule, unchanged
+    assert cosine[warmup - 1] == pytest.approx(peak)
+    assert all(a >= b for a, b in zip(cosine[warmup - 1:], cosine[warmup:]))  # falls and never rises again
+    assert cosine[steps // 2 + warmup // 2] == pytest.approx(peak / 2, rel=0.02) and 0 < cosine[-1] < peak / 1000
+
+
+def test_cosine_tower_trains_and_records_its_schedule(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_dict()))
+    pretrain_tower.main(["--config", str(tmp_path / "config.json"), "--out", str(tmp_path / "clip"), "--n-train", "8",
+                         "--n-test", "4", "--steps", "3", "--batch-size", "4", "--schedule", "cosine"])
+    metrics = json.loads((tmp_path / "clip" / "pretrain_metrics.json").read_text())
+    assert metrics["schedule"] == "cosine" and metrics["steps"] == 3 and (tmp_path / "clip" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "--steps must be >= 1"),
     (["--object-scale", "9"], "--object-scale must be in"),
