@@ -2,6 +2,7 @@
 
     python synthetic/pretrain_tower.py --config baby --out DIR [--n-train 8000] [--seed 0] [--steps 800]
                                        [--schedule constant|cosine]
+    python synthetic/pretrain_tower.py --from-checkpoint checkpoints/baby-geochat --out DIR
 
 GeoChat starts from a pretrained CLIP tower and keeps it frozen; a tower trained from scratch through the
 decoder's answers never becomes readable (README, "Why it does not find objects"). This script gives the
@@ -14,6 +15,8 @@ value), so that each value is also place-coded in the features, the form in whic
 The scenes are the dataset's own training scenes (the same seeds as `prepare.py scenes --seed`), rendered
 in memory. DIR becomes an HF `CLIPVisionModel` directory (config.json + model.safetensors) that
 `train.py --config baby --vision-tower DIR` starts from, frozen like the reference's CLIP.
+`--from-checkpoint` trains nothing: it writes the tower of a trained checkpoint (the baby's recipe keeps it frozen,
+so the shipped baby's is the tower its recipe pretrained) as such a directory, to start new stages from it.
 """
 
 import argparse
@@ -172,6 +175,15 @@ def pretrain(args, cfg: GeoChatConfig) -> dict:
     return metrics
 
 
+def tower_from_checkpoint(checkpoint: Path, out: Path) -> dict:
+    """Write a trained checkpoint's vision tower to `out` as a CLIP directory; return what pretrain_metrics.json records."""
+    model = GeoChat.from_pretrained(checkpoint, dtype=torch.float32)  # before --out is made: a bad checkpoint leaves nothing
+    save_clip_dir(model.vision, _writable_dir(out, "--out"))
+    metrics = {"from_checkpoint": str(checkpoint)}
+    (out / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
 def build_parser():
     """The command line."""
     p = argparse.ArgumentParser(prog="synthetic/pretrain_tower.py", description=__doc__.splitlines()[0])
@@ -187,6 +199,8 @@ def build_parser():
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
                    help="after the warmup: hold the peak lr (the shipped baby's tower) or cosine to 0")
     p.add_argument("--seed", type=int, default=0, help="init and batch-order seed")
+    p.add_argument("--from-checkpoint", type=Path, default=None,
+                   help="train nothing: write this trained checkpoint's tower to --out (the training flags are unused)")
     return p
 
 
@@ -202,12 +216,16 @@ def main(argv=None):
             raise UsageError(f"--object-scale must be in [0.5, 4], got {args.object_scale}")
         if not args.lr > 0:
             raise UsageError(f"--lr must be > 0, got {args.lr}")
-        cfg = load_config(args.config)
-        _writable_dir(Path(args.out), "--out")
-    except (UsageError, ConfigError) as e:
+        if args.from_checkpoint:
+            metrics = tower_from_checkpoint(args.from_checkpoint, Path(args.out))
+        else:
+            cfg = load_config(args.config)
+            _writable_dir(Path(args.out), "--out")
+    except (UsageError, ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    metrics = pretrain(args, cfg)
+    if not args.from_checkpoint:
+        metrics = pretrain(args, cfg)
     print(json.dumps(metrics))
 
 

@@ -97,6 +97,13 @@ def test_config_with_vision_tower_starts_from_it_and_keeps_it_frozen(setup_dir, 
     train.init_weights(fresh, 0)
     assert not torch.equal(saved["vision.blocks.0.attn.q_proj.weight"], fresh.vision.blocks[0].attn.q_proj.weight)
     assert not torch.equal(saved["llm.layers.0.attn.q_proj.weight"], fresh.llm.layers[0].attn.q_proj.weight)  # the rest learned
+    # the trained checkpoint's tower, written back out, is the tower it started from
+    pretrain_tower.main(["--from-checkpoint", str(out), "--out", str(tmp_path / "back")])
+    back = GeoChat(tiny_config())
+    load_vision_tower(back, tmp_path / "back")
+    for key, value in pretrained.vision.state_dict().items():
+        assert torch.equal(back.vision.state_dict()[key], value), key
+    assert json.loads((tmp_path / "back" / "pretrain_metrics.json").read_text()) == {"from_checkpoint": str(out)}
 
 
 def test_a_tower_of_another_shape_is_refused_in_one_line(setup_dir, tower_dir, tmp_path, capsys):  # noqa: F811
@@ -150,6 +157,14 @@ def test_pretrain_tower_refuses_bad_input(tmp_path, capsys, argv, message):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_tower_from_a_missing_checkpoint_is_one_line_and_writes_nothing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        pretrain_tower.main(["--from-checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "t")])
+    assert e.value.code == 2 and not (tmp_path / "t").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope" in err[0] and "not found" in err[0]
 
 
 def test_reading_experiment_runs_its_pretrained_and_symbolic_rows(tmp_path):
