@@ -87,7 +87,7 @@ def _corpus_lines(records, bench):
 
 def write_dataset(out_dir, n_train_images, n_test_images, seed=0, size=128, records_per_image=7,
                   multi_turn_prob=0.25, workers=1, progress=False, tasks=TASKS, object_scale=1.0, turns=(2, 3),
-                  refuse_given_away=False):
+                  refuse_given_away=False, refer_every_class=False):
     """Write images, train.json/test.json, one bench file per bench, annotations and corpus.txt; return their paths."""
     out = Path(out_dir)
     img_dir = out / "images"
@@ -97,7 +97,7 @@ def write_dataset(out_dir, n_train_images, n_test_images, seed=0, size=128, reco
 
     def records(anns):
         return [r for a in anns for r in instruct_records(a, a["image"], records_per_image, seed, multi_turn_prob, tasks,
-                                                           turns, refuse_given_away)]
+                                                           turns, refuse_given_away, refer_every_class)]
 
     train_recs, test_recs = records(train_anns), records(test_anns)
     bench = {name: [] for name in BENCHES}
@@ -184,7 +184,8 @@ def scenes_main(args):
     start = time.time()
     paths = write_dataset(out, args.n_train, args.n_test, args.seed, args.size, args.records_per_image,
                           args.multi_turn_prob, args.workers, progress=True, tasks=tasks,
-                          object_scale=args.object_scale, turns=turns, refuse_given_away=args.refuse_given_away)
+                          object_scale=args.object_scale, turns=turns, refuse_given_away=args.refuse_given_away,
+                          refer_every_class=args.refer_every_class)
     print(f"wrote {args.n_train} train + {args.n_test} test images in {time.time() - start:.1f}s")
     for name, path in paths.items():
         print(f"  {name:<18} {path}")
@@ -238,6 +239,9 @@ def build_parser():
     s.add_argument("--refuse-given-away", action="store_true",
                    help="multi-turn records never ask what an earlier turn gave away (a count after \"the plane\", "
                         "presence after a count), not only never the same question twice; questions are ordered to allow it")
+    s.add_argument("--refer-every-class", action="store_true",
+                   help="a record about a scene of several classes that asks a [refer] question asks it of every class "
+                        "(each a different box of the same image: only the class named decides the answer)")
     s.add_argument("--workers", type=int, default=1, help="rendering processes")
     s.set_defaults(func=scenes_main)
     t = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer.model on a corpus",

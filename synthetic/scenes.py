@@ -477,12 +477,8 @@ def question_turn(ann, task, rng):
     if task == "grounding":  # the description states every fact
         facts = all_facts(ann)
         return GROUNDING_PROMPT, grounded_description(ann), facts, facts
-    if task == "refer":  # worded as the referring bench asks: "[refer] ..." for one object, "[grounding]all Xs" for several
-        expr, ids = rng.choice(refer_targets(ann))
-        cls = ann["objects"][ids[0]]["class"]
-        prompt = question_prompt("referring", {"question": expr, "type": "ref" if len(ids) == 1 else "grounding"})
-        told = {("presence", cls), ("count", cls)} | {(kind, i) for i in ids for kind in ("box", "class")}
-        return prompt, "".join(ann["objects"][i]["box"] for i in ids), {("box", i) for i in ids}, told
+    if task == "refer":
+        return refer_turn(ann, *rng.choice(refer_targets(ann)))
     if task == "identify":
         i = rng.randrange(len(ann["objects"]))
         o = ann["objects"][i]
@@ -496,6 +492,15 @@ def question_turn(ann, task, rng):
     if task == "grid":  # the digits name the class of every cell: every class's presence
         return GRID_PROMPT, grid_answer(ann), {("grid",)}, {("grid",)} | {("presence", c) for c in OBJECT_CLASSES}
     raise ValueError(f"unknown task {task!r}")
+
+
+def refer_turn(ann, expr, ids):
+    """The turn of a refer target (refer_targets), worded as the referring bench asks: "[refer] ..." for one object,
+    "[grounding]all Xs" for several."""
+    cls = ann["objects"][ids[0]]["class"]
+    prompt = question_prompt("referring", {"question": expr, "type": "ref" if len(ids) == 1 else "grounding"})
+    told = {("presence", cls), ("count", cls)} | {(kind, i) for i in ids for kind in ("box", "class")}
+    return prompt, "".join(ann["objects"][i]["box"] for i in ids), {("box", i) for i in ids}, told
 
 
 def question_answer(ann, task, rng):
@@ -516,7 +521,7 @@ def gives_nothing_away(turns) -> bool:
 
 
 def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0.25, tasks=TASKS, turns=(2, 3),
-                     refuse_given_away=False):
+                     refuse_given_away=False, refer_every_class=False):
     """GeoChat_Instruct records for one image; `tasks` cycle, so n_records >= len(tasks) covers each one. A share
     multi_turn_prob of the records ask turns[0] to turns[1] questions about the image, the others one.
 
@@ -524,7 +529,11 @@ def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0
     it also never asks one whose answer an earlier turn gave away another way (a count after "the plane", presence
     after a count, an identify after a description): each new question is inserted at a random place of the record
     where no turn's answer is given away by the turns before it ("Is there a plane?" before "the plane", not after),
-    or drawn again when there is none. Without it, questions come in the order drawn."""
+    or drawn again when there is none. Without it, questions come in the order drawn.
+
+    With refer_every_class, a record about a scene of several classes that asks one refer question asks it of every
+    class (beyond turns[1] if need be), each at a random allowed place: the same image, a different box for each class
+    named, so only the class decides which object the answer is."""
     rng = random.Random("conv-%d-%d" % (int(ann["seed"]), int(rng_seed)))
     tasks = task_cycle(ann, tasks)
     cycle = []
@@ -550,6 +559,15 @@ def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0
                     break
             else:
                 break  # every draw would have repeated or given an answer away: the record ends here
+        every_refer = [refer_turn(ann, *target) for target in refer_targets(ann)] if refer_every_class else []
+        if len(every_refer) > 1 and any(turn[0] == asked[0] for turn in every_refer for asked in record):
+            for turn in every_refer:
+                if any(turn[0] == asked[0] for asked in record):
+                    continue
+                places = [p for p in range(len(record) + 1)
+                          if not refuse_given_away or gives_nothing_away(record[:p] + [turn] + record[p:])]
+                if places:
+                    record.insert(rng.choice(places), turn)
         conv = []
         for t, (q, a, _, _) in enumerate(record):
             conv.append({"from": "human", "value": ("<image>\n" + q) if t == 0 else q})

@@ -1,6 +1,7 @@
 import io
 import json
 import math
+import random
 import re
 import sys
 from pathlib import Path
@@ -13,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from synthetic.prepare import main as prepare_main, write_dataset  # noqa: E402
 from synthetic.scenes import (  # noqa: E402
-    GRID_CELLS, OBJECT_CLASSES, PLURALS, SCENE_CLASSES, TASKS, grid_answer, instruct_records, make_scene,
-    question_answer,
+    GRID_CELLS, GROUNDING_PROMPT, OBJECT_CLASSES, PLURALS, SCENE_CLASSES, TASKS, grid_answer, instruct_records,
+    make_scene, question_answer,
 )
 
 BOX_RE = re.compile(r"\{<(\d+)><(\d+)><(\d+)><(\d+)>\|<(\d+)>\}")
@@ -283,6 +284,42 @@ def test_a_record_never_asks_a_question_twice():
     _, ann = make_scene(3)
     (record,) = instruct_records(ann, "img.png", n_records=1, multi_turn_prob=1.0, turns=(4, 4), tasks=("scene",))
     assert len(record["conversations"]) == 2  # one scene question exists: the record ends after it
+
+
+def test_refer_every_class_asks_each_class_of_a_several_class_scene(tmp_path):
+    """refer_every_class: a record about a scene of several classes that asks a [refer] question asks it of every
+    class, each with its own boxes, still giving nothing away; other scenes' records and the default are unchanged.
+    prepare.py's --refer-every-class writes such records."""
+    reading = ("presence", "presence", "count", "refer", "refer")
+    several = full = 0
+    for seed in range(40):
+        _, ann = make_scene(seed)
+        targets = {question_answer(ann, "refer", random.Random(k))  # every (prompt, boxes) pair of the scene
+                   for k in range(200) if ann["objects"]}
+        plain = instruct_records(ann, "img.png", 3, 0, 1.0, reading, (3, 5), True)
+        assert plain == instruct_records(ann, "img.png", 3, 0, 1.0, reading, (3, 5), True, refer_every_class=False)
+        for r in instruct_records(ann, "img.png", 3, 0, 1.0, reading, (3, 5), True, refer_every_class=True):
+            turns = [(h["value"].replace("<image>\n", ""), g["value"])
+                     for h, g in zip(r["conversations"][0::2], r["conversations"][1::2])]
+            refers = {t for t in turns if t[0].startswith(("[refer]", "[grounding]")) and t[0] != GROUNDING_PROMPT}
+            assert refers <= targets and len(turns) == len({q for q, _ in turns})
+            known = set()
+            for q, a in turns:
+                assert not answer_known(q, a, ann, known), (q, a, turns)
+                known |= given_away(q, a, ann)
+            if len(targets) > 1 and refers:
+                several += 1
+                assert refers == targets, (refers, targets)
+        full += sum(len(targets) > 1 and {(h["value"].replace("<image>\n", ""), g["value"])
+                                          for h, g in zip(r["conversations"][0::2], r["conversations"][1::2])
+                                          } >= targets for r in plain)
+    assert several > 20 and full < several  # the default asks every class in fewer records: the flag changes them
+    paths = prepare_main(["scenes", "--out", str(tmp_path / "ds"), "--n-train", "6", "--n-test", "0", "--seed", "1",
+                          "--multi-turn-prob", "1.0", "--records-per-image", "3", "--turns", "3-5",
+                          "--tasks", ",".join(reading), "--refuse-given-away", "--refer-every-class"])
+    anns = [json.loads(line) for line in Path(paths["annotations"]).read_text().splitlines()]
+    expected = [r for a in anns for r in instruct_records(a, a["image"], 3, 1, 1.0, reading, (3, 5), True, True)]
+    assert json.loads(Path(paths["train"]).read_text()) == expected
 
 
 def test_refuse_given_away_asks_nothing_an_earlier_turn_gave_away():
