@@ -320,6 +320,7 @@ def test_refer_every_class_asks_each_class_of_a_several_class_scene(tmp_path):
     anns = [json.loads(line) for line in Path(paths["annotations"]).read_text().splitlines()]
     expected = [r for a in anns for r in instruct_records(a, a["image"], 3, 1, 1.0, reading, (3, 5), True, True)]
     assert json.loads(Path(paths["train"]).read_text()) == expected
+    assert expected != [r for a in anns for r in instruct_records(a, a["image"], 3, 1, 1.0, reading, (3, 5), True)]
 
 
 def test_refuse_given_away_asks_nothing_an_earlier_turn_gave_away():
