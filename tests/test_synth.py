@@ -286,6 +286,12 @@ def test_a_record_never_asks_a_question_twice():
     assert len(record["conversations"]) == 2  # one scene question exists: the record ends after it
 
 
+def record_turns(record):
+    """A record's (question without the <image> line, answer) pairs."""
+    conv = record["conversations"]
+    return [(h["value"].replace("<image>\n", ""), g["value"]) for h, g in zip(conv[0::2], conv[1::2])]
+
+
 def test_refer_every_class_asks_each_class_of_a_several_class_scene(tmp_path):
     """refer_every_class: a record about a scene of several classes that asks a [refer] question asks it of every
     class, each with its own boxes, still giving nothing away; other scenes' records and the default are unchanged.
@@ -301,8 +307,7 @@ def test_refer_every_class_asks_each_class_of_a_several_class_scene(tmp_path):
         records = [(strict, r) for strict in (True, False)
                    for r in instruct_records(ann, "img.png", 3, 0, 1.0, reading, (3, 5), strict, refer_every_class=True)]
         for strict, r in records:
-            turns = [(h["value"].replace("<image>\n", ""), g["value"])
-                     for h, g in zip(r["conversations"][0::2], r["conversations"][1::2])]
+            turns = record_turns(r)
             refers = {t for t in turns if t[0].startswith(("[refer]", "[grounding]")) and t[0] != GROUNDING_PROMPT}
             assert refers <= targets and len(turns) == len({q for q, _ in turns})
             known = set()
@@ -312,9 +317,7 @@ def test_refer_every_class_asks_each_class_of_a_several_class_scene(tmp_path):
             if len(targets) > 1 and refers:
                 several += strict
                 assert refers == targets, (refers, targets)
-        full += sum(len(targets) > 1 and {(h["value"].replace("<image>\n", ""), g["value"])
-                                          for h, g in zip(r["conversations"][0::2], r["conversations"][1::2])
-                                          } >= targets for r in plain)
+        full += sum(len(targets) > 1 and set(record_turns(r)) >= targets for r in plain)
     assert several > 20 and full < several  # the default asks every class in fewer records: the flag changes them
     paths = prepare_main(["scenes", "--out", str(tmp_path / "ds"), "--n-train", "6", "--n-test", "0", "--seed", "1",
                           "--multi-turn-prob", "1.0", "--records-per-image", "3", "--turns", "3-5",
@@ -337,8 +340,7 @@ def test_refuse_given_away_asks_nothing_an_earlier_turn_gave_away():
         for strict in (True, False):
             for r in instruct_records(ann, "img.png", n_records=6, multi_turn_prob=1.0, turns=(5, 8), tasks=tasks,
                                       refuse_given_away=strict):
-                turns = [(h["value"].replace("<image>\n", ""), g["value"])
-                         for h, g in zip(r["conversations"][0::2], r["conversations"][1::2])]
+                turns = record_turns(r)
                 known = set()
                 for q, a in turns:
                     leak = answer_known(q, a, ann, known)
