@@ -161,6 +161,21 @@ def polygon_iou(poly_a, poly_b) -> float:
     return min(1.0, max(0.0, inter / union))
 
 
+def match_boxes(predicted: list, known: list, threshold: float = 0.5) -> list:
+    """Greedy one-to-one matching of predicted (name, polygon) to known (name, polygon) of the same name: [(iou, p, k)] with IoU >= threshold, best pairs first."""
+    pairs = sorted(((polygon_iou(p_poly, k_poly), i, j) for i, (p_name, p_poly) in enumerate(predicted)
+                    for j, (k_name, k_poly) in enumerate(known) if p_name == k_name), reverse=True)
+    used_p, used_k, matched = set(), set(), []
+    for iou, i, j in pairs:
+        if iou < threshold:
+            break
+        if i not in used_p and j not in used_k:
+            used_p.add(i)
+            used_k.add(j)
+            matched.append((iou, i, j))
+    return matched
+
+
 def polygon_intersection(poly_a, poly_b) -> list[Point]:
     """The convex polygon shared by two convex polygons (corner order free); [] when they do not overlap."""
     a, b = convex_hull(poly_a), convex_hull(poly_b)

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import sample  # noqa: E402
-from boxes import polygon_iou  # noqa: E402
+from boxes import match_boxes  # noqa: E402
 from geo import tiling  # noqa: E402
 from geo.labels import object_name  # noqa: E402
 from geo.mosaic import make_mosaic  # noqa: E402
@@ -29,24 +29,9 @@ from geo.mosaic import make_mosaic  # noqa: E402
 IOU_THRESHOLD = 0.5
 
 
-def match(predicted: list, known: list) -> list:
-    """Greedy one-to-one matching of predicted (name, polygon) to known (name, polygon) of the same name: [(iou, p, k)] with IoU >= 0.5."""
-    pairs = sorted(((polygon_iou(p_poly, k_poly), i, j) for i, (p_name, p_poly) in enumerate(predicted)
-                    for j, (k_name, k_poly) in enumerate(known) if p_name == k_name), reverse=True)
-    used_p, used_k, matched = set(), set(), []
-    for iou, i, j in pairs:
-        if iou < IOU_THRESHOLD:
-            break
-        if i not in used_p and j not in used_k:
-            used_p.add(i)
-            used_k.add(j)
-            matched.append((iou, i, j))
-    return matched
-
-
 def row(view: str, tiles: int, raw: int, predicted: list, known: list, seconds: float) -> dict:
     """One table row: counts, recall, precision and mean IoU of predicted against known."""
-    matched = match(predicted, known)
+    matched = match_boxes(predicted, known, IOU_THRESHOLD)
     return {"view": view, "tiles": tiles, "boxes_before_merge": raw, "boxes": len(predicted), "matched": len(matched),
             "recall": len(matched) / len(known) if known else 0.0,
             "precision": len(matched) / len(predicted) if predicted else 0.0,

@@ -46,4 +46,5 @@ for bench in scene vqa referring region_captioning; do
     python eval.py run --bench "$bench" --questions "$work/data/$bench.jsonl" --image-folder "$work/data/images" \
         --checkpoint "$work/run" --answers "$work/answers/$bench.jsonl" --batch-size 32 --device cpu
 done
+python scripts/score_descriptions.py --checkpoint "$work/run" --data "$work/data"  # grounded descriptions, box by box
 python scripts/plot_loss.py "$work/stage1/metrics.jsonl" "$work/run/metrics.jsonl" "$work/loss.png"

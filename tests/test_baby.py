@@ -76,13 +76,18 @@ def test_train_baby_script_passes_only_flags_its_scripts_accept():
     import train
     from synthetic import prepare, pretrain_tower
 
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import score_descriptions
+
     parsers = {"train.py": train.build_parser(), "eval.py": eval_cli.build_parser(),
-               "synthetic/prepare.py": prepare.build_parser(), "synthetic/pretrain_tower.py": pretrain_tower.build_parser()}
+               "synthetic/prepare.py": prepare.build_parser(), "synthetic/pretrain_tower.py": pretrain_tower.build_parser(),
+               "scripts/score_descriptions.py": score_descriptions.build_parser()}
     text = (ROOT / "scripts" / "train_baby.sh").read_text().replace("\\\n", " ")
-    common = re.search(r"^common=\((.*?)\)$", text, re.S | re.M).group(1)
-    text = text.replace('"${common[@]}"', " ".join(common.split())).replace("$work", "W").replace("$dtype", "float32")
-    text = text.replace("$bench", "scene")
-    commands = [shlex.split(line.strip()) for line in text.splitlines() if line.strip().startswith("python ")]
+    for name, items in re.findall(r"^(\w+)=\((.*?)\)$", text, re.S | re.M):  # the script's bash arrays, expanded
+        text = text.replace('"${%s[@]}"' % name, " ".join(items.split()))
+    text = text.replace("$work", "W").replace("$dtype", "float32").replace("$bench", "scene")
+    assert "[@]" not in text
+    commands = [shlex.split(line.strip(), comments=True) for line in text.splitlines() if line.strip().startswith("python ")]
     assert sum(c[1] == "train.py" for c in commands) == 2 and any(c[1] == "synthetic/pretrain_tower.py" for c in commands)
     for command in commands:
         if command[1] == "scripts/plot_loss.py":
@@ -157,3 +162,31 @@ def test_angle_probe_reads_an_angle_the_features_carry_and_not_one_they_do_not()
     scene = {"objects": [{"class": "ship", "grid": [0, 0, 50, 50, 30]}, {"class": "storage tank", "grid": [50, 50, 100, 100, 0]}]}
     per_patch = patch_angles(scene, 2)  # patch centres at 25 and 75: one ship patch, one tank patch, two of ground
     assert per_patch[0] == 30 and per_patch[1:].isnan().all()
+
+
+def test_description_score_counts_boxes_on_the_named_class(tmp_path, capsys):
+    """scripts/score_descriptions.py: its counts on made-up answers, and the CLI on three held-out scenes."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from score_descriptions import main, score
+
+    from synthetic.scenes import grounded_description
+
+    ann = {"scene": "water", "objects": [{"class": "ship", "box": "{<10><10><20><40>|<0>}"},
+                                         {"class": "ship", "box": "{<60><60><70><90>|<30>}"}]}
+    truth = grounded_description(ann)
+    assert score([truth], [ann]).items() >= {"ground_named": 1, "exact": 1, "boxes": 2, "matched": 2, "matched_any_class": 2}.items()
+    # the right boxes named as planes: on objects, not on the class named; a scene's ground named wrong
+    wrong_class = "The image shows a desert scene with <p>two planes</p> {<10><10><20><40>|<0>}{<60><60><70><90>|<30>}."
+    got = score([wrong_class], [ann])
+    assert (got["ground_named"], got["exact"], got["matched"], got["matched_any_class"]) == (0, 0, 0, 2)
+    # one box on a ship, one on nothing, one drawn twice on the same ship (matched once: one to one)
+    half = "The image shows a water scene with <p>three ships</p> {<10><10><20><40>|<0>}{<80><5><95><20>|<0>}{<10><11><20><40>|<0>}."
+    got = score([half], [ann])
+    assert (got["boxes"], got["matched"], got["recall"], got["precision"]) == (3, 1, 0.5, 1 / 3)
+
+    paths = write_dataset(tmp_path / "synth", n_train_images=1, n_test_images=3, seed=0, records_per_image=1)
+    assert main(["--checkpoint", str(BABY), "--data", str(paths["images"].parent), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["scenes"] == 3 and got["boxes"] >= 1 and 0 <= got["matched"] <= got["matched_any_class"] <= got["boxes"]
+    assert main(["--checkpoint", str(BABY), "--data", str(tmp_path / "missing")]) == 2
+    assert "annotations.jsonl: not found" in capsys.readouterr().err
