@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Describe the held-out scenes with the checkpoint and print the scores."""
     args = build_parser().parse_args(argv)
+    if args.batch_size < 1 or args.n == 0:
+        print(f"error: --batch-size {args.batch_size} and --n {args.n}: the batch must be at least 1 and n nonzero",
+              file=sys.stderr)
+        return 2
     if not (args.data / "annotations.jsonl").is_file():
         print(f"error: {args.data / 'annotations.jsonl'}: not found (write the dataset with synthetic/prepare.py scenes)",
               file=sys.stderr)
@@ -79,8 +83,12 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         for start in range(0, len(anns), args.batch_size):
             chunk = anns[start:start + args.batch_size]
-            images = torch.stack([data.preprocess_image(data.load_image(args.data / "images" / a["image"]), size)
-                                  for a in chunk])  # (B, 3, S, S)
+            try:
+                pictures = [data.load_image(args.data / "images" / a["image"]) for a in chunk]
+            except (OSError, ValueError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            images = torch.stack([data.preprocess_image(p, size) for p in pictures])  # (B, 3, S, S)
             answers += [r.text for r in engine.generate([prompt] * len(chunk), images)]
     totals = score(answers, anns)
     if args.json:

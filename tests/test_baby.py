@@ -190,3 +190,7 @@ def test_description_score_counts_boxes_on_the_named_class(tmp_path, capsys):
     assert got["scenes"] == 3 and got["boxes"] >= 1 and 0 <= got["matched"] <= got["matched_any_class"] <= got["boxes"]
     assert main(["--checkpoint", str(BABY), "--data", str(tmp_path / "missing")]) == 2
     assert "annotations.jsonl: not found" in capsys.readouterr().err
+    assert main(["--data", str(paths["images"].parent), "--batch-size", "0"]) == 2
+    (paths["images"] / "test_000001.png").unlink()
+    assert main(["--data", str(paths["images"].parent)]) == 2
+    assert "test_000001.png: no such image file" in capsys.readouterr().err
