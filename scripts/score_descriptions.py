@@ -59,9 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Describe the held-out scenes with the checkpoint and print the scores."""
     args = build_parser().parse_args(argv)
-    if args.batch_size < 1 or args.n == 0:
-        print(f"error: --batch-size {args.batch_size} and --n {args.n}: the batch must be at least 1 and n nonzero",
-              file=sys.stderr)
+    if args.batch_size < 1:
+        print(f"error: --batch-size {args.batch_size}: must be at least 1", file=sys.stderr)
+        return 2
+    if args.n == 0:
+        print("error: --n 0: no scene to score (a positive count, or < 0 for all)", file=sys.stderr)
         return 2
     if not (args.data / "annotations.jsonl").is_file():
         print(f"error: {args.data / 'annotations.jsonl'}: not found (write the dataset with synthetic/prepare.py scenes)",
