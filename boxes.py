@@ -162,7 +162,10 @@ def polygon_iou(poly_a, poly_b) -> float:
 
 
 def match_boxes(predicted: list, known: list, threshold: float = 0.5) -> list:
-    """Greedy one-to-one matching of predicted (name, polygon) to known (name, polygon) of the same name: [(iou, p, k)] with IoU >= threshold, best pairs first."""
+    """Greedy one-to-one matching of predicted (name, polygon) to known ones of the same name, best pairs first.
+
+    Returns [(iou, predicted index, known index)] for the pairs matched at IoU >= threshold.
+    """
     pairs = sorted(((polygon_iou(p_poly, k_poly), i, j) for i, (p_name, p_poly) in enumerate(predicted)
                     for j, (k_name, k_poly) in enumerate(known) if p_name == k_name), reverse=True)
     used_p, used_k, matched = set(), set(), []
