@@ -1,4 +1,4 @@
-"""Why does a Baby GeoChat not find its objects? Three measurements on a checkpoint and its synthetic data.
+"""Why does a Baby GeoChat not find its objects? Six measurements on a checkpoint and its synthetic data.
 
     python scripts/diagnose_baby.py --checkpoint checkpoints/baby-geochat --data runs/baby-work/data --out runs/diagnosis
 
@@ -16,7 +16,12 @@
    (the Yes-minus-No logit margin of present classes against absent ones of the same scene: 0.5 means the answer
    ignores the class), and where single-object [refer] boxes land (on the target, on another object, on nothing)
    by the number of objects in the scene, where 1/n is what a model that ignores the class gets; and, for the boxes
-   on their target, how many would pass IoU 0.5 with the true angle in place of theirs.
+   on their target, how many would pass IoU 0.5 with the true angle in place of theirs;
+6. where the ground it names comes from: the ground whose answer is likeliest, asked the scene question and the
+   grounded-description question ("The image shows <ground> ..."), on each held-out scene with objects as drawn and
+   on the same scene rendered again without its objects (the same texture), beside linear probes for the ground on the
+   tower's and projector's features. Right on the bare ground and wrong with the objects drawn: the decoder reads the
+   ground off the objects, whatever the features carry.
 The pipeline itself (each sample trained with its own image, identical preprocessing in training and
 inference) is checked by tests/test_pipeline.py. Everything prints as one report (also --json).
 """
@@ -37,7 +42,8 @@ import data  # noqa: E402
 import eval as bench_eval  # noqa: E402
 from boxes import Box, box_polygon_grid, parse_boxes, polygon_iou  # noqa: E402
 from geochat import GeoChat  # noqa: E402
-from synthetic.scenes import OBJECT_CLASSES, bench_questions  # noqa: E402
+from synthetic.scenes import (GROUNDING_PROMPT, OBJECT_CLASSES, SCENE_CLASSES, SCENE_PROMPT, bench_questions,  # noqa: E402
+                              description_head, make_scene)
 from train import CausalLMLoss, init_weights  # noqa: E402
 
 
@@ -327,6 +333,75 @@ def presence_by_class(model: GeoChat, tokenizer, data_dir: Path, anns: list[dict
             "answer_position_probes": per_layer}
 
 
+@torch.no_grad()
+def answer_logprobs(model: GeoChat, tokenizer, prompt: str, answers: list[str], image: torch.Tensor) -> torch.Tensor:
+    """(len(answers),) summed log-probability of each answer's tokens, as training labels them but without the closing
+    "</s>" (an answer may be the start of a longer one), after the prompt asked about one image (3, S, S)."""
+    items = []
+    for answer in answers:
+        turns = [{"from": "human", "value": data.IMAGE_PLACEHOLDER + "\n" + prompt}, {"from": "gpt", "value": answer}]
+        ids, labels = data.encode_conversation(tokenizer, turns, "llava_v1")
+        assert ids[-1] == labels[-1] == tokenizer.eos_id, "the answer's labels end with its </s>"
+        labels[-1] = data.IGNORE_INDEX
+        items.append(dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels), image=image))
+    batch = data.collate(items, tokenizer.pad_id)
+    embeds, mask, labels = model.embed_inputs(batch["input_ids"], batch["images"], batch["attention_mask"],
+                                              batch["labels"])  # (A, L, dim), (A, L), (A, L)
+    log_probs = model.forward_embeds(embeds, mask).float().log_softmax(-1)[:, :-1]  # (A, L-1, vocab)
+    targets = labels[:, 1:]  # (A, L-1)
+    labelled = targets != data.IGNORE_INDEX
+    picked = log_probs.gather(-1, targets.clamp_min(0)[..., None])[..., 0]  # (A, L-1)
+    return (picked * labelled).sum(-1)
+
+
+@torch.no_grad()
+def ground_choice(model: GeoChat, tokenizer, data_dir: Path, anns: list[dict]) -> dict:
+    """Share of the scenes with objects whose ground the decoder names right, asked the scene question (the ground's
+    name) and the grounded-description question (its first words, `description_head`), the image as drawn ("drawn")
+    and the same scene rendered without its objects ("bare": the same ground texture, `make_scene(draw_objects=False)`)."""
+    size = model.cfg.image_size
+    questions = {"scene question": (SCENE_PROMPT, [ground for ground in SCENE_CLASSES]),
+                 "description": (GROUNDING_PROMPT, [description_head(ground) for ground in SCENE_CLASSES])}
+    right = {question: {"drawn": 0, "bare": 0} for question in questions}
+    scenes = [a for a in anns if a["objects"]]
+    for ann in scenes:
+        bare, bare_ann = make_scene(ann["seed"], ann["size"], draw_objects=False)
+        assert bare_ann["scene"] == ann["scene"], f"{ann['image']}: not the scene of seed {ann['seed']}"
+        images = {"drawn": data.preprocess_image(data.load_image(data_dir / "images" / ann["image"]), size),
+                  "bare": data.preprocess_image(bare, size)}  # (3, S, S) each
+        for question, (prompt, answers) in questions.items():
+            for kind, image in images.items():
+                best = int(answer_logprobs(model, tokenizer, prompt, answers, image).argmax())
+                right[question][kind] += SCENE_CLASSES[best] == ann["scene"]
+    return {"scenes": len(scenes),
+            **{question: {kind: n / max(len(scenes), 1) for kind, n in counts.items()} for question, counts in right.items()}}
+
+
+def ground_probes(model: GeoChat, data_dir: Path, train_anns, test_anns) -> dict:
+    """Balanced accuracy of one-against-the-rest probes for each ground on the mean-pooled tower and projector features."""
+    tr_t, tr_p = features(model, data_dir, train_anns)
+    te_t, te_p = features(model, data_dir, test_anns)
+    out = {}
+    for name, (tr, te) in {"tower": (tr_t, te_t), "projector": (tr_p, te_p)}.items():
+        out[name] = {ground: fit_probe(tr.mean(1), torch.tensor([float(a["scene"] == ground) for a in train_anns]),
+                                       te.mean(1), torch.tensor([float(a["scene"] == ground) for a in test_anns]))
+                     for ground in SCENE_CLASSES}
+    return out
+
+
+def print_ground_report(report: dict, as_json: bool):
+    """Measurement 6 as text (or JSON)."""
+    if as_json:
+        print(json.dumps(report, indent=1))
+        return
+    choice = report["choice"]
+    print(f"the ground named ({choice['scenes']} held-out scenes with objects; as drawn | without the objects)")
+    for question in ("scene question", "description"):
+        print(f"  {question:15s} {choice[question]['drawn']:6.3f} | {choice[question]['bare']:6.3f}")
+    for part, row in report["probes"].items():
+        print(f"  probe {part:9s} " + "  ".join(f"{ground}={v:.3f}" for ground, v in row.items()))
+
+
 def refer_landing(answer_rows: list[dict], anns: list[dict]) -> dict:
     """Where single-object [refer] answers' first boxes land, by the scene's number of objects: "target" overlaps
     the asked object, "other" only another object, "nothing" neither (overlap: IoU above 0.05)."""
@@ -410,6 +485,7 @@ def main(argv=None) -> int:
     p.add_argument("--n-probe", type=int, default=1500, help="training scenes the probes are fitted on (tested on held-out)")
     p.add_argument("--skip-accuracy", action="store_true", help="probes and gradients only")
     p.add_argument("--class-only", action="store_true", help="only measurement 5 (whether answers follow the class asked)")
+    p.add_argument("--ground-only", action="store_true", help="only measurement 6 (where the ground it names comes from)")
     p.add_argument("--refer-answers", type=Path,
                    help="held-out [refer] answers (eval.py run --bench referring) for measurement 5; by default the "
                         "held-out answers of measurement 1, when it runs")
@@ -423,7 +499,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     report = {}
     refer_answers = args.refer_answers
-    if not (args.skip_accuracy or args.class_only):
+    if not (args.skip_accuracy or args.class_only or args.ground_only):
         report["accuracy"] = {
             split: bench_accuracy(args.checkpoint, args.data, read_annotations(args.data, split, args.n_accuracy),
                                   args.out, split)
@@ -433,6 +509,11 @@ def main(argv=None) -> int:
     tokenizer = data.Tokenizer(args.checkpoint / "tokenizer.model")
     all_test_anns = read_annotations(args.data, "test", -1)
     test_anns = all_test_anns[:300]
+    train_anns = read_annotations(args.data, "train", args.n_probe)
+    if args.ground_only:
+        print_ground_report({"choice": ground_choice(model, tokenizer, args.data, test_anns),
+                             "probes": ground_probes(model, args.data, train_anns, test_anns)}, args.json)
+        return 0
     report["class asked"] = {"presence": presence_by_class(model, tokenizer, args.data, test_anns[:100])}
     if refer_answers is not None:
         try:
@@ -448,7 +529,8 @@ def main(argv=None) -> int:
     if args.class_only:
         print_class_report(report["class asked"], args.json)
         return 0
-    train_anns = read_annotations(args.data, "train", args.n_probe)
+    report["ground"] = {"choice": ground_choice(model, tokenizer, args.data, test_anns),
+                        "probes": ground_probes(model, args.data, train_anns, test_anns)}
     report["probes"] = {"trained": probes(model, args.data, train_anns, test_anns)}
     report["gradients"] = {"trained": gradient_norms(model, tokenizer, args.data)}
     report["image attention"] = {"trained": image_attention(model, tokenizer, args.data, test_anns[:120])}
@@ -479,6 +561,7 @@ def main(argv=None) -> int:
             print(f"  {init:10s} {key:10s} " + " | ".join(" ".join(fmt.format(v) for v in heads) for heads in att[key]))
         print(f"  {init:10s} object patches: {att['object_patches']:.2f} of the image tokens")
     print_class_report(report["class asked"], False)
+    print_ground_report(report["ground"], False)
     print("gradient norms on one batch (loss per labelled token)")
     for init, parts in report["gradients"].items():
         print(f"  {init:10s} " + "  ".join(f"{k}: grad {v['grad']:.3g} weight {v['weight']:.3g}" for k, v in parts.items()))

@@ -23,7 +23,7 @@ import sample  # noqa: E402
 from boxes import box_polygon_grid, match_boxes, parse_boxes  # noqa: E402
 from diagnose_baby import read_annotations  # noqa: E402
 from geo.labels import object_name  # noqa: E402
-from synthetic.scenes import SCENE_PHRASES, grounded_description  # noqa: E402
+from synthetic.scenes import description_head, grounded_description  # noqa: E402
 
 
 def score(answers: list, anns: list) -> dict:
@@ -31,7 +31,7 @@ def score(answers: list, anns: list) -> dict:
     totals = {"scenes": len(anns), "ground_named": 0, "exact": 0, "objects": 0, "boxes": 0, "matched": 0,
               "matched_any_class": 0}
     for answer, ann in zip(answers, anns, strict=True):
-        totals["ground_named"] += f"The image shows {SCENE_PHRASES[ann['scene']]}" in answer
+        totals["ground_named"] += description_head(ann["scene"]) in answer
         totals["exact"] += answer.strip() == grounded_description(ann)
         known = [(o["class"], box_polygon_grid(parse_boxes(o["box"])[0])) for o in ann["objects"]]
         drawn = [(object_name(b.label or ""), box_polygon_grid(b)) for b in parse_boxes(answer)]

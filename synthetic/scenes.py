@@ -340,12 +340,17 @@ def _group_phrase(cls, n):
     return "%s %s" % (NUMBER_WORDS[n], cls if n == 1 else PLURALS[cls])
 
 
+def description_head(scene):
+    """How a grounded description of a scene with this ground begins: "The image shows a water scene"."""
+    return "The image shows %s" % SCENE_PHRASES[scene]
+
+
 def grounded_description(ann):
     """Grounded description: scene phrase + `<p>two ships</p> {box}{box}` groups, reading order."""
     groups = {}
     for o in ann["objects"]:
         groups.setdefault(o["class"], []).append(o["box"])
-    head = "The image shows %s" % SCENE_PHRASES[ann["scene"]]
+    head = description_head(ann["scene"])
     if not groups:
         return head + " with no notable objects."
     parts = ["<p>%s</p> %s" % (_group_phrase(c, len(b)), "".join(b))

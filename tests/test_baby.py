@@ -139,6 +139,44 @@ def test_diagnosis_tells_answers_that_follow_the_class_from_answers_that_ignore_
                                          "centre error": pytest.approx(0.5 * math.dist((55, 50), (55.5, 50.5)), abs=1e-3)}
 
 
+def test_ground_measurement_scores_answers_as_training_labels_them_on_drawn_and_bare_scenes(tmp_path):
+    """scripts/diagnose_baby.py measurement 6: answer log-probabilities of a padded batch equal the unpadded ones,
+    the bare scene is the drawn one without its objects, and the shipped baby names the ground of both."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import data
+    from diagnose_baby import answer_logprobs, ground_choice, read_annotations
+    from geochat import GeoChat
+    from synthetic.scenes import GROUNDING_PROMPT, description_head, make_scene
+
+    model = GeoChat.from_pretrained(BABY, dtype=torch.float32).eval()
+    tokenizer = data.Tokenizer(BABY / "tokenizer.model")
+    paths = write_dataset(tmp_path / "synth", n_train_images=1, n_test_images=4, seed=0, records_per_image=1)
+    anns = read_annotations(paths["images"].parent, "test", -1)
+    image = data.preprocess_image(data.load_image(paths["images"] / anns[0]["image"]), 128)
+    answers = ["water", description_head("urban")]  # 1-2 tokens and 7-8: the batch is padded
+    got = answer_logprobs(model, tokenizer, GROUNDING_PROMPT, answers, image)
+    for answer, value in zip(answers, got):
+        turns = [{"from": "human", "value": "<image>\n" + GROUNDING_PROMPT}, {"from": "gpt", "value": answer}]
+        ids, labels = data.encode_conversation(tokenizer, turns, "llava_v1")
+        with torch.no_grad():
+            log_probs = model(torch.tensor([ids]), image[None])[0].log_softmax(-1)  # (T + 63, vocab)
+        shift = model.n_image_tokens - 1  # positions after the image placeholder move by this much
+        want = sum(float(log_probs[t - 1 + shift, ids[t]]) for t in range(1, len(ids) - 1) if labels[t] != data.IGNORE_INDEX)
+        assert float(value) == pytest.approx(want, abs=1e-4)  # the closing </s> left out
+
+    with_objects = next(a for a in anns if a["objects"])
+    drawn = data.load_image(paths["images"] / with_objects["image"])
+    bare, bare_ann = make_scene(with_objects["seed"], with_objects["size"], draw_objects=False)
+    assert bare_ann["scene"] == with_objects["scene"] and drawn.size == bare.size
+    changed = (torch.tensor(list(drawn.getdata())) != torch.tensor(list(bare.getdata()))).any(-1).float().mean()
+    assert 0 < changed < 0.15  # only the objects' pixels: the same ground texture
+    choice = ground_choice(model, tokenizer, paths["images"].parent, anns)
+    assert choice["scenes"] == sum(bool(a["objects"]) for a in anns) >= 1
+    assert choice["description"] == choice["scene question"] == {"drawn": 1.0, "bare": 1.0}
+
+
 def test_angle_probe_reads_an_angle_the_features_carry_and_not_one_they_do_not():
     """scripts/diagnose_baby.py measurement 2's angle probe: error in degrees modulo 90, 22.5 when nothing is read."""
     import torch
