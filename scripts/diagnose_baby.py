@@ -21,7 +21,7 @@
    grounded-description question ("The image shows <ground> ..."), on each held-out scene with objects as drawn and
    on the same scene rendered again without its objects (the same texture), beside linear probes for the ground on the
    tower's and projector's features. Right on the bare ground and wrong with the objects drawn: the decoder reads the
-   ground off the objects, whatever the features carry.
+   ground off the objects; wrong both ways while the probes read it: the decoder does not read a ground its inputs carry.
 The pipeline itself (each sample trained with its own image, identical preprocessing in training and
 inference) is checked by tests/test_pipeline.py. Everything prints as one report (also --json).
 """
@@ -360,7 +360,7 @@ def ground_choice(model: GeoChat, tokenizer, data_dir: Path, anns: list[dict]) -
     name) and the grounded-description question (its first words, `description_head`), the image as drawn ("drawn")
     and the same scene rendered without its objects ("bare": the same ground texture, `make_scene(draw_objects=False)`)."""
     size = model.cfg.image_size
-    questions = {"scene question": (SCENE_PROMPT, [ground for ground in SCENE_CLASSES]),
+    questions = {"scene question": (SCENE_PROMPT, list(SCENE_CLASSES)),
                  "description": (GROUNDING_PROMPT, [description_head(ground) for ground in SCENE_CLASSES])}
     right = {question: {"drawn": 0, "bare": 0} for question in questions}
     scenes = [a for a in anns if a["objects"]]
