@@ -525,6 +525,18 @@ def gives_nothing_away(turns) -> bool:
     return True
 
 
+def leak_free_places(record, turn) -> list[int]:
+    """Where a turn may be inserted into a record without any answer given away by an earlier turn; a grounded
+    description only first, as sample.py and the bench ask it (anywhere else its place would tell its answer: after
+    other questions it can only follow ones that tell no object fact, so only "no notable objects" would come first)."""
+    describes = [t[0] == GROUNDING_PROMPT for t in [turn] + record]
+    if describes[0]:
+        candidates = [0]
+    else:
+        candidates = range(1 if record and describes[1] else 0, len(record) + 1)
+    return [p for p in candidates if gives_nothing_away(record[:p] + [turn] + record[p:])]
+
+
 def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0.25, tasks=TASKS, turns=(2, 3),
                      refuse_given_away=False, refer_every_class=False):
     """GeoChat_Instruct records for one image; `tasks` cycle, so n_records >= len(tasks) covers each one. A share
@@ -534,7 +546,8 @@ def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0
     it also never asks one whose answer an earlier turn gave away another way (a count after "the plane", presence
     after a count, an identify after a description): each new question is inserted at a random place of the record
     where no turn's answer is given away by the turns before it ("Is there a plane?" before "the plane", not after),
-    or drawn again when there is none. Without it, questions come in the order drawn.
+    or drawn again when there is none; a grounded description only opens a record (it gives every other answer
+    away, so such a record holds it alone). Without it, questions come in the order drawn.
 
     With refer_every_class, a record about a scene of several classes that asks one refer question asks it of every
     class (beyond turns[1] if need be), each at a random allowed place: the same image, a different box for each class
@@ -556,7 +569,7 @@ def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0
                 if turn is None:
                     continue
                 if refuse_given_away:
-                    places = [p for p in range(len(record) + 1) if gives_nothing_away(record[:p] + [turn] + record[p:])]
+                    places = leak_free_places(record, turn)
                 else:
                     places = [] if any(turn[0] == asked[0] for asked in record) else [len(record)]
                 if places:
@@ -569,8 +582,7 @@ def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0
             for turn in every_refer:
                 if any(turn[0] == asked[0] for asked in record):
                     continue
-                places = [p for p in range(len(record) + 1)
-                          if not refuse_given_away or gives_nothing_away(record[:p] + [turn] + record[p:])]
+                places = leak_free_places(record, turn) if refuse_given_away else range(len(record) + 1)
                 if places:
                     record.insert(rng.choice(places), turn)
         conv = []

@@ -200,7 +200,7 @@ def test_conversations_format_and_tasks():
 
 def test_turns_set_the_questions_of_multi_turn_records():
     """turns=(lo, hi): every multi-turn record asks lo..hi questions (the default (2, 3)), each one once; with
-    refuse_given_away a grounded description, which gives every answer away, may end a record early."""
+    refuse_given_away a grounded description, which gives every answer away, is a record of its own."""
     _, ann = make_scene(3)
     default = instruct_records(ann, "img_3.png", n_records=40, multi_turn_prob=1.0)
     assert {len(r["conversations"]) // 2 for r in default} == {2, 3}
@@ -212,10 +212,29 @@ def test_turns_set_the_questions_of_multi_turn_records():
     strict = instruct_records(ann, "img_3.png", n_records=40, multi_turn_prob=1.0, turns=(3, 5), refuse_given_away=True)
 
     def described(record):
-        return "[grounding] Describe" in record["conversations"][-2]["value"]
+        return any("[grounding] Describe" in turn["value"] for turn in record["conversations"])
 
     assert {len(r["conversations"]) // 2 for r in strict if not described(r)} == {3, 4, 5}
-    assert any(described(r) and len(r["conversations"]) < 6 for r in strict)
+    assert any(described(r) for r in strict) and all(len(r["conversations"]) == 2 for r in strict if described(r))
+
+
+def test_refuse_given_away_asks_a_description_first_whatever_it_holds():
+    """refuse_given_away: a grounded description is always its record's first question, as sample.py and the bench ask
+    it, for scenes with objects and without. Placed wherever nothing was given away, a description of objects came only
+    after comparisons (which state no object fact), so the first turn's description was "no notable objects" in 834 of
+    840 cases and a baby trained on such records answered that for every scene (the README's attempts table)."""
+    tasks = ("presence", "presence", "count", "refer", "comparison", "grounding", "identify", "scene")
+    first = {True: 0, False: 0}
+    for seed in range(80):
+        _, ann = make_scene(seed)
+        for r in instruct_records(ann, "img.png", n_records=6, multi_turn_prob=1.0, turns=(3, 5), tasks=tasks,
+                                  refuse_given_away=True, refer_every_class=True):
+            humans = [t["value"] for t in r["conversations"][0::2]]
+            places = [i for i, q in enumerate(humans) if "[grounding] Describe" in q]
+            assert places in ([], [0]), humans
+            if places:
+                first["{<" in r["conversations"][1]["value"]] += 1
+    assert first[True] > 20 and first[False] > 0, first
 
 
 SINGULAR = {plural: cls for cls, plural in PLURALS.items()}
