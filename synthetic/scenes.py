@@ -529,11 +529,10 @@ def leak_free_places(record, turn) -> list[int]:
     """Where a turn may be inserted into a record without any answer given away by an earlier turn; a grounded
     description only first, as sample.py and the bench ask it (anywhere else its place would tell its answer: after
     other questions it can only follow ones that tell no object fact, so only "no notable objects" would come first)."""
-    describes = [t[0] == GROUNDING_PROMPT for t in [turn] + record]
-    if describes[0]:
+    if turn[0] == GROUNDING_PROMPT:
         candidates = [0]
-    else:
-        candidates = range(1 if record and describes[1] else 0, len(record) + 1)
+    else:  # nothing goes before a description that opens the record
+        candidates = range(1 if record and record[0][0] == GROUNDING_PROMPT else 0, len(record) + 1)
     return [p for p in candidates if gives_nothing_away(record[:p] + [turn] + record[p:])]
 
 
