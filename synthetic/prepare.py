@@ -238,7 +238,9 @@ def build_parser():
     s.add_argument("--turns", default="2-3", help="MIN-MAX questions in a multi-turn record (2 <= MIN <= MAX <= 8)")
     s.add_argument("--refuse-given-away", action="store_true",
                    help="multi-turn records never ask what an earlier turn gave away (a count after \"the plane\", "
-                        "presence after a count), not only never the same question twice; questions are ordered to allow it, "
+                        "presence after a count), not only never the same question twice: such a question is drawn "
+                        "again (questions stay in the order drawn, so the first one's answer is as likely as in a "
+                        "single-question record), "
                         "and a grounded description, which gives every answer away, is a record of its own")
     s.add_argument("--refer-every-class", action="store_true",
                    help="a record about a scene of several classes that asks a [refer] question asks it of every class "

@@ -525,15 +525,12 @@ def gives_nothing_away(turns) -> bool:
     return True
 
 
-def leak_free_places(record, turn) -> list[int]:
-    """Where a turn may be inserted into a record without any answer given away by an earlier turn; a grounded
-    description only first, as sample.py and the bench ask it (anywhere else its place would tell its answer: after
-    other questions it can only follow ones that tell no object fact, so only "no notable objects" would come first)."""
-    if turn[0] == GROUNDING_PROMPT:
-        candidates = [0]
-    else:  # nothing goes before a description that opens the record
-        candidates = range(1 if record and record[0][0] == GROUNDING_PROMPT else 0, len(record) + 1)
-    return [p for p in candidates if gives_nothing_away(record[:p] + [turn] + record[p:])]
+def may_follow(record, turn) -> bool:
+    """Whether a turn may be asked after a record's turns without any answer given away by an earlier turn; a grounded
+    description only as a record's first (and then only) question, as sample.py and the bench ask it."""
+    if turn[0] == GROUNDING_PROMPT and record:
+        return False
+    return gives_nothing_away(record + [turn])
 
 
 def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0.25, tasks=TASKS, turns=(2, 3),
@@ -543,14 +540,16 @@ def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0
 
     A record never asks a question twice (its answer could be copied from the earlier turn). With refuse_given_away,
     it also never asks one whose answer an earlier turn gave away another way (a count after "the plane", presence
-    after a count, an identify after a description): each new question is inserted at a random place of the record
-    where no turn's answer is given away by the turns before it ("Is there a plane?" before "the plane", not after),
-    or drawn again when there is none; a grounded description only opens a record (it gives every other answer
-    away, so such a record holds it alone). Without it, questions come in the order drawn.
+    after a count, an identify after a description): a question that would is drawn again; a grounded description only
+    opens a record (it gives every other answer away, so such a record holds it alone). Questions always come in the
+    order drawn, so a record's first question is the task cycle's draw whatever follows it: inserting each question
+    at a random place where nothing was given away instead put "Is there a plane?" before "the plane" and so made
+    the first turn's presence answer "Yes" twice as often as "No" (and its count 0 more often), and the bench asks
+    every question first.
 
     With refer_every_class, a record about a scene of several classes that asks one refer question asks it of every
-    class (beyond turns[1] if need be), each at a random allowed place: the same image, a different box for each class
-    named, so only the class decides which object the answer is."""
+    class (beyond turns[1] if need be), each after the record's other questions (where refuse_given_away allows it):
+    the same image, a different box for each class named, so only the class decides which object the answer is."""
     rng = random.Random("conv-%d-%d" % (int(ann["seed"]), int(rng_seed)))
     tasks = task_cycle(ann, tasks)
     cycle = []
@@ -568,11 +567,11 @@ def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0
                 if turn is None:
                     continue
                 if refuse_given_away:
-                    places = leak_free_places(record, turn)
+                    allowed = may_follow(record, turn)
                 else:
-                    places = [] if any(turn[0] == asked[0] for asked in record) else [len(record)]
-                if places:
-                    record.insert(places[0] if len(places) == 1 else rng.choice(places), turn)
+                    allowed = not any(turn[0] == asked[0] for asked in record)
+                if allowed:
+                    record.append(turn)
                     break
             else:
                 break  # every draw would have repeated or given an answer away: the record ends here
@@ -581,9 +580,8 @@ def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0
             for turn in every_refer:
                 if any(turn[0] == asked[0] for asked in record):
                     continue
-                places = leak_free_places(record, turn) if refuse_given_away else range(len(record) + 1)
-                if places:
-                    record.insert(rng.choice(places), turn)
+                if not refuse_given_away or may_follow(record, turn):
+                    record.append(turn)
         conv = []
         for t, (q, a, _, _) in enumerate(record):
             conv.append({"from": "human", "value": ("<image>\n" + q) if t == 0 else q})

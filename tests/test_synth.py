@@ -350,9 +350,11 @@ def test_refer_every_class_asks_each_class_of_a_several_class_scene(tmp_path):
 def test_refuse_given_away_asks_nothing_an_earlier_turn_gave_away():
     """refuse_given_away: no question whose answer an earlier turn gave away (a count after "the plane", presence
     after a count, identify after a description), checked against the turns' text alone; records still get their
-    turns, presence stays balanced. Without it such turns occur (the checker finds them)."""
+    turns, and the first turn's presence answer, the one the bench asks, stays as balanced as without the flag
+    (inserting questions wherever nothing was given away made it "Yes" in 66% of a reading stage's records).
+    Without it such turns occur (the checker finds them)."""
     long_records = leaks_default = 0
-    yes = []
+    first_yes = {True: [], False: []}
     tasks = ("presence", "presence", "count", "refer", "refer", "comparison", "grounding", "identify", "scene")
     for seed in range(60):
         _, ann = make_scene(seed)
@@ -366,11 +368,12 @@ def test_refuse_given_away_asks_nothing_an_earlier_turn_gave_away():
                     assert not (strict and leak), (q, a, turns)
                     leaks_default += leak
                     known |= given_away(q, a, ann)
-                    if strict and q.startswith("Is there"):
-                        yes.append(a == "Yes")
+                if turns[0][0].startswith("Is there"):
+                    first_yes[strict].append(turns[0][1] == "Yes")
                 long_records += strict and len(turns) >= 5
     assert long_records > 150 and leaks_default > 100
-    assert 0.35 <= sum(yes) / len(yes) <= 0.6, sum(yes) / len(yes)
+    share = {strict: sum(yes) / len(yes) for strict, yes in first_yes.items()}
+    assert 0.4 <= share[True] <= 0.6 and abs(share[True] - share[False]) < 0.08, share
     _, ann = make_scene(3)  # the checker itself: a count after "all ships" gives 2 away
     refer = question_answer(ann, "refer", __import__("random").Random(0))
     count = ("How many ships are there in the image?", "2")
