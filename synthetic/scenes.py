@@ -550,6 +550,9 @@ def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0
     With refer_every_class, a record about a scene of several classes that asks one refer question asks it of every
     class (beyond turns[1] if need be), each after the record's other questions (where refuse_given_away allows it):
     the same image, a different box for each class named, so only the class decides which object the answer is."""
+    def may_ask(record, turn):  # may_follow already refuses a repeated question (its answer was given away)
+        return may_follow(record, turn) if refuse_given_away else not any(turn[0] == asked[0] for asked in record)
+
     rng = random.Random("conv-%d-%d" % (int(ann["seed"]), int(rng_seed)))
     tasks = task_cycle(ann, tasks)
     cycle = []
@@ -566,11 +569,7 @@ def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0
                 turn = question_turn(ann, cycle.pop(), rng)
                 if turn is None:
                     continue
-                if refuse_given_away:
-                    allowed = may_follow(record, turn)
-                else:
-                    allowed = not any(turn[0] == asked[0] for asked in record)
-                if allowed:
+                if may_ask(record, turn):
                     record.append(turn)
                     break
             else:
@@ -578,9 +577,7 @@ def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0
         every_refer = [refer_turn(ann, *target) for target in refer_targets(ann)] if refer_every_class else []
         if len(every_refer) > 1 and any(turn[0] == asked[0] for turn in every_refer for asked in record):
             for turn in every_refer:
-                if any(turn[0] == asked[0] for asked in record):
-                    continue
-                if not refuse_given_away or may_follow(record, turn):
+                if may_ask(record, turn):
                     record.append(turn)
         conv = []
         for t, (q, a, _, _) in enumerate(record):
