@@ -2,13 +2,17 @@
 
     python scripts/plot_loss.py runs/baby/metrics.jsonl docs/baby_loss.png
     python scripts/plot_loss.py runs/stage1/metrics.jsonl runs/stage2/metrics.jsonl docs/baby_loss.png
+    python scripts/plot_loss.py --first-stage 2 reading/metrics.jsonl all/metrics.jsonl docs/baby_loss.png
 
-Several files are stages of one recipe: drawn one after the other, a dashed line where each begins.
+Several files are stages of one recipe: drawn one after the other, a dashed line where each begins, labelled with
+the stage's number counted from --first-stage (the number of the first file's stage). A missing or short file is
+one line and exit code 2.
 """
 
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -27,7 +31,7 @@ def moving_average(values: list, window: int) -> list:
     return out
 
 
-def plot(steps: list, losses: list, title: str, stage_starts: tuple = ()) -> Image.Image:
+def plot(steps: list, losses: list, title: str, stage_starts: tuple = (), first_stage: int = 1) -> Image.Image:
     """A line chart of loss against step, raw in light grey and smoothed in blue, log-scaled y axis."""
     img = Image.new("RGB", (WIDTH, HEIGHT), "white")
     draw = ImageDraw.Draw(img)
@@ -51,35 +55,49 @@ def plot(steps: list, losses: list, title: str, stage_starts: tuple = ()) -> Ima
         x = x_of(s)
         for y in range(MARGIN, HEIGHT - MARGIN, 8):
             draw.line((x, y, x, y + 4), fill="#d04040")
-        draw.text((x + 4, MARGIN + 4), f"stage {k + 2}", fill="#d04040")
+        draw.text((x + 4, MARGIN + 4), f"stage {first_stage + k + 1}", fill="#d04040")
     draw.text((MARGIN, 20), title, fill="black")
     draw.text((WIDTH // 2 - 20, HEIGHT - 25), "step", fill="black")
     return img
 
 
-def main():
-    """Read the metrics.jsonl files (stages in order), write the PNG."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: metrics files in stage order, the PNG, a title and the first stage's number."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("metrics", type=Path, nargs="+", help="train.py's metrics.jsonl, one per stage, in order")
     p.add_argument("out", type=Path, help="PNG to write")
     p.add_argument("--title", default="training loss (per step, log scale; blue: moving average)")
-    args = p.parse_args()
+    p.add_argument("--first-stage", type=int, default=1, help="the number of the first file's stage (labels count on)")
+    return p
+
+
+def main(argv=None) -> int:
+    """Read the metrics.jsonl files (stages in order), write the PNG; 2 on a missing or malformed file."""
+    args = build_parser().parse_args(argv)
     steps, losses, starts = [], [], []
     for path in args.metrics:
         if not path.is_file():
-            raise SystemExit(f"error: {path}: no such file")
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            print(f"error: {path}: no such file", file=sys.stderr)
+            return 2
+        try:
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            rows = [(int(r["step"]), float(r["loss"])) for r in rows]
+        except (ValueError, KeyError, TypeError) as e:
+            print(f"error: {path}: not train.py's metrics.jsonl ({e})", file=sys.stderr)
+            return 2
         if len(rows) < 2:
-            raise SystemExit(f"error: {path} holds fewer than two steps")
+            print(f"error: {path} holds fewer than two steps", file=sys.stderr)
+            return 2
         offset = steps[-1] if steps else 0
         if steps:
-            starts.append(offset + rows[0]["step"])
-        steps += [offset + r["step"] for r in rows]
-        losses += [r["loss"] for r in rows]
+            starts.append(offset + rows[0][0])
+        steps += [offset + step for step, _ in rows]
+        losses += [loss for _, loss in rows]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    plot(steps, losses, args.title, tuple(starts)).save(args.out)
+    plot(steps, losses, args.title, tuple(starts), args.first_stage).save(args.out)
     print(f"wrote {args.out} ({len(steps)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
