@@ -5,8 +5,8 @@
     python scripts/plot_loss.py --first-stage 2 reading/metrics.jsonl all/metrics.jsonl docs/baby_loss.png
 
 Several files are stages of one recipe: drawn one after the other, a dashed line where each begins, labelled with
-the stage's number counted from --first-stage (the number of the first file's stage). A missing or short file is
-one line and exit code 2.
+the stage's number counted from --first-stage (the number of the first file's stage). A missing, malformed or short
+file is one line and exit code 2.
 """
 
 import argparse
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Read the metrics.jsonl files (stages in order), write the PNG; 2 on a missing or malformed file."""
+    """Read the metrics.jsonl files (stages in order), write the PNG; 2 on a missing, malformed or short file."""
     args = build_parser().parse_args(argv)
     steps, losses, starts = [], [], []
     for path in args.metrics:
