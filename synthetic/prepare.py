@@ -87,7 +87,7 @@ def _corpus_lines(records, bench):
 
 def write_dataset(out_dir, n_train_images, n_test_images, seed=0, size=128, records_per_image=7,
                   multi_turn_prob=0.25, workers=1, progress=False, tasks=TASKS, object_scale=1.0, turns=(2, 3),
-                  refuse_given_away=False, refer_every_class=False):
+                  refuse_given_away=False, refer_every_class=False, kind_order=False):
     """Write images, train.json/test.json, one bench file per bench, annotations and corpus.txt; return their paths."""
     out = Path(out_dir)
     img_dir = out / "images"
@@ -97,7 +97,7 @@ def write_dataset(out_dir, n_train_images, n_test_images, seed=0, size=128, reco
 
     def records(anns):
         return [r for a in anns for r in instruct_records(a, a["image"], records_per_image, seed, multi_turn_prob, tasks,
-                                                           turns, refuse_given_away, refer_every_class)]
+                                                           turns, refuse_given_away, refer_every_class, kind_order)]
 
     train_recs, test_recs = records(train_anns), records(test_anns)
     bench = {name: [] for name in BENCHES}
@@ -185,7 +185,7 @@ def scenes_main(args):
     paths = write_dataset(out, args.n_train, args.n_test, args.seed, args.size, args.records_per_image,
                           args.multi_turn_prob, args.workers, progress=True, tasks=tasks,
                           object_scale=args.object_scale, turns=turns, refuse_given_away=args.refuse_given_away,
-                          refer_every_class=args.refer_every_class)
+                          refer_every_class=args.refer_every_class, kind_order=args.kind_order)
     print(f"wrote {args.n_train} train + {args.n_test} test images in {time.time() - start:.1f}s")
     for name, path in paths.items():
         print(f"  {name:<18} {path}")
@@ -245,6 +245,11 @@ def build_parser():
     s.add_argument("--refer-every-class", action="store_true",
                    help="a record about a scene of several classes that asks a [refer] question asks it of every class "
                         "(each a different box of the same image: only the class named decides the answer)")
+    s.add_argument("--kind-order", action="store_true",
+                   help="after a record's first question (the first drawn), ask presence, then count, comparison, the "
+                        "scene, [identify] and [refer] last, whatever order they were drawn in (an order by kind, never "
+                        "by answer): with --refuse-given-away a \"the plane\" no longer refuses a later \"Is there a "
+                        "plane?\"")
     s.add_argument("--workers", type=int, default=1, help="rendering processes")
     s.set_defaults(func=scenes_main)
     t = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer.model on a corpus",

@@ -533,8 +533,11 @@ def may_follow(record, turn) -> bool:
     return gives_nothing_away(record + [turn])
 
 
+ASK_ORDER = ("presence", "count", "comparison", "scene", "grid", "identify", "refer", "grounding")  # kind_order's order
+
+
 def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0.25, tasks=TASKS, turns=(2, 3),
-                     refuse_given_away=False, refer_every_class=False):
+                     refuse_given_away=False, refer_every_class=False, kind_order=False):
     """GeoChat_Instruct records for one image; `tasks` cycle, so n_records >= len(tasks) covers each one. A share
     multi_turn_prob of the records ask turns[0] to turns[1] questions about the image, the others one.
 
@@ -549,7 +552,13 @@ def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0
 
     With refer_every_class, a record about a scene of several classes that asks one refer question asks it of every
     class (beyond turns[1] if need be), each after the record's other questions (where refuse_given_away allows it):
-    the same image, a different box for each class named, so only the class decides which object the answer is."""
+    the same image, a different box for each class named, so only the class decides which object the answer is.
+
+    With kind_order, a record's first question stays the first drawn (the bench asks every kind first) and the later
+    ones come in ASK_ORDER (presence, then count, ..., [refer] last) instead of the order drawn: each goes in at its
+    kind's place and is kept if the whole record then gives nothing away. The order depends on the kind alone, never
+    on an answer, and a "the plane" no longer refuses an "Is there a plane?" drawn after it (that now comes first,
+    unless "the plane" opens the record), so refuse_given_away keeps more of presence's "Yes" and of the counts."""
     def may_ask(record, turn):  # may_follow already refuses a repeated question (its answer was given away)
         return may_follow(record, turn) if refuse_given_away else not any(turn[0] == asked[0] for asked in record)
 
@@ -560,16 +569,25 @@ def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0
     records = []
     for k in range(n_records):
         n_turns = 1 if rng.random() >= multi_turn_prob else rng.choice(range(turns[0], turns[1] + 1))
-        record = []
+        record, ranks = [], []  # ranks: each turn's place in ASK_ORDER (kind_order only)
         for t in range(n_turns):
             for _ in range(MAX_DRAWS):
                 if not cycle:
                     cycle = tasks[:]
                     rng.shuffle(cycle)
-                turn = question_turn(ann, cycle.pop(), rng)
+                task = cycle.pop()
+                turn = question_turn(ann, task, rng)
                 if turn is None:
                     continue
-                if may_ask(record, turn):
+                if kind_order:
+                    # the first question stays the first drawn (the bench asks every kind first); a later one goes
+                    # after the turns of its kind and of earlier kinds
+                    at = 1 + sum(r <= ASK_ORDER.index(task) for r in ranks[1:]) if record else 0
+                    asked = record[:at] + [turn] + record[at:]
+                    if all(may_ask(asked[:i], asked[i]) for i in range(len(asked))):
+                        record, ranks = asked, ranks[:at] + [ASK_ORDER.index(task)] + ranks[at:]
+                        break
+                elif may_ask(record, turn):
                     record.append(turn)
                     break
             else:

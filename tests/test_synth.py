@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from synthetic.prepare import main as prepare_main, write_dataset  # noqa: E402
 from synthetic.scenes import (  # noqa: E402
-    GRID_CELLS, GROUNDING_PROMPT, OBJECT_CLASSES, PLURALS, SCENE_CLASSES, TASKS, grid_answer, instruct_records,
-    make_scene, question_answer,
+    ASK_ORDER, GRID_CELLS, GROUNDING_PROMPT, OBJECT_CLASSES, PLURALS, SCENE_CLASSES, TASKS, grid_answer,
+    instruct_records, make_scene, question_answer,
 )
 
 BOX_RE = re.compile(r"\{<(\d+)><(\d+)><(\d+)><(\d+)>\|<(\d+)>\}")
@@ -345,6 +345,50 @@ def test_refer_every_class_asks_each_class_of_a_several_class_scene(tmp_path):
     expected = [r for a in anns for r in instruct_records(a, a["image"], 3, 1, 1.0, reading, (3, 5), True, True)]
     assert json.loads(Path(paths["train"]).read_text()) == expected
     assert expected != [r for a in anns for r in instruct_records(a, a["image"], 3, 1, 1.0, reading, (3, 5), True)]
+
+
+def turn_task(question):
+    """The synthetic task of a turn's question (QUESTION_PREFIXES; the scene question matched whole)."""
+    return "scene" if question == SCENE_PROMPT else next(t for prefix, t in QUESTION_PREFIXES if question.startswith(prefix))
+
+
+def test_kind_order_asks_presence_and_counts_before_refer(tmp_path):
+    """kind_order: after its first question (the one drawn first, as the bench asks every kind first) a record asks
+    in ASK_ORDER, presence first and [refer] last, still giving nothing away; so with refuse_given_away a "the
+    plane" no longer refuses the "Is there a plane?" ("Yes") drawn after it: more "Yes" and more counts, the first
+    turn's kinds and its presence answers as without the flag. prepare.py's --kind-order writes such records."""
+    reading = ("presence", "presence", "count", "refer", "refer", "scene")
+    asked = {flag: {"Yes": 0, "count": 0} for flag in (True, False)}
+    first = {flag: [] for flag in (True, False)}
+    for seed in range(60):
+        _, ann = make_scene(seed)
+        assert instruct_records(ann, "img.png", 3, 0, 1.0, reading, (3, 5), True, True) == \
+            instruct_records(ann, "img.png", 3, 0, 1.0, reading, (3, 5), True, True, kind_order=False)
+        for flag in (True, False):
+            for r in instruct_records(ann, "img.png", 3, 0, 1.0, reading, (3, 5), True, True, kind_order=flag):
+                turns = record_turns(r)
+                tasks = [turn_task(q) for q, _ in turns]
+                ranks = [ASK_ORDER.index(t) for t in tasks[1:]]
+                assert not flag or ranks == sorted(ranks), tasks
+                known = set()
+                for q, a in turns:
+                    assert not answer_known(q, a, ann, known), (q, a, turns)
+                    known |= given_away(q, a, ann)
+                asked[flag]["Yes"] += sum(t == "presence" and a == "Yes" for t, (_, a) in zip(tasks, turns))
+                asked[flag]["count"] += tasks.count("count")
+                first[flag].append((tasks[0], turns[0][1] if tasks[0] == "presence" else None))
+    assert asked[True]["Yes"] > 1.2 * asked[False]["Yes"] and asked[True]["count"] > asked[False]["count"], asked
+    for flag in (True, False):
+        kinds = [t for t, _ in first[flag]]
+        yes = [a == "Yes" for t, a in first[flag] if t == "presence"]
+        assert 0.35 <= sum(yes) / len(yes) <= 0.65 and 0.2 <= kinds.count("refer") / len(kinds) <= 0.5, (flag, kinds)
+    args = ["scenes", "--n-train", "4", "--n-test", "0", "--seed", "2", "--multi-turn-prob", "1.0",
+            "--records-per-image", "3", "--turns", "3-5", "--tasks", ",".join(reading), "--refuse-given-away"]
+    paths = prepare_main(args + ["--out", str(tmp_path / "ds"), "--kind-order"])
+    anns = [json.loads(line) for line in Path(paths["annotations"]).read_text().splitlines()]
+    expected = [r for a in anns for r in instruct_records(a, a["image"], 3, 2, 1.0, reading, (3, 5), True,
+                                                         kind_order=True)]
+    assert json.loads(Path(paths["train"]).read_text()) == expected
 
 
 def test_refuse_given_away_asks_nothing_an_earlier_turn_gave_away():
