@@ -31,6 +31,13 @@ QUESTION_PREFIXES = [("[grounding] ", "grounding"), ("[refer] Give me the locati
                      ("How many", "count"), ("Are there more", "comparison")]
 
 
+def turn_task(question):
+    """The synthetic task of a turn's question (QUESTION_PREFIXES; the scene question matched whole), None if none."""
+    if question == SCENE_PROMPT:
+        return "scene"
+    return next((t for prefix, t in QUESTION_PREFIXES if question.startswith(prefix)), None)
+
+
 def parse_boxes(text):
     return [tuple(int(v) for v in m.groups()) for m in BOX_RE.finditer(text)]
 
@@ -192,7 +199,7 @@ def test_conversations_format_and_tasks():
                 _boxes_well_formed(t["value"])
             for h in conv[0::2]:
                 q = h["value"].replace("<image>\n", "")
-                task = "scene" if q == SCENE_PROMPT else next((t for prefix, t in QUESTION_PREFIXES if q.startswith(prefix)), None)
+                task = turn_task(q)
                 assert task is not None, q
                 seen.add(task)
     assert seen == set(TASKS)
@@ -345,11 +352,6 @@ def test_refer_every_class_asks_each_class_of_a_several_class_scene(tmp_path):
     expected = [r for a in anns for r in instruct_records(a, a["image"], 3, 1, 1.0, reading, (3, 5), True, True)]
     assert json.loads(Path(paths["train"]).read_text()) == expected
     assert expected != [r for a in anns for r in instruct_records(a, a["image"], 3, 1, 1.0, reading, (3, 5), True)]
-
-
-def turn_task(question):
-    """The synthetic task of a turn's question (QUESTION_PREFIXES; the scene question matched whole)."""
-    return "scene" if question == SCENE_PROMPT else next(t for prefix, t in QUESTION_PREFIXES if question.startswith(prefix))
 
 
 def test_kind_order_asks_presence_and_counts_before_refer(tmp_path):
