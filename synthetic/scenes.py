@@ -582,10 +582,11 @@ def instruct_records(ann, image_name, n_records=7, rng_seed=0, multi_turn_prob=0
                 if kind_order:
                     # the first question stays the first drawn (the bench asks every kind first); a later one goes
                     # after the turns of its kind and of earlier kinds
-                    at = 1 + sum(r <= ASK_ORDER.index(task) for r in ranks[1:]) if record else 0
+                    rank = ASK_ORDER.index(task)
+                    at = 1 + sum(r <= rank for r in ranks[1:]) if record else 0
                     asked = record[:at] + [turn] + record[at:]
                     if all(may_ask(asked[:i], asked[i]) for i in range(len(asked))):
-                        record, ranks = asked, ranks[:at] + [ASK_ORDER.index(task)] + ranks[at:]
+                        record, ranks = asked, ranks[:at] + [rank] + ranks[at:]
                         break
                 elif may_ask(record, turn):
                     record.append(turn)
