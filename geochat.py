@@ -86,7 +86,7 @@ GEOCHAT_CONFIGS = {
     # Baby GeoChat: a few million parameters, trained from scratch on CPU on synthetic aerial scenes.
     "baby": {
         "vision": ViTConfig(image_size=128, patch_size=16, width=192, n_layers=4, n_heads=3, mlp_dim=768).to_dict(),
-        "llm": LlamaConfig(vocab_size=1000, dim=256, n_layers=6, n_heads=4, intermediate_size=688, max_seq_len=512).to_dict(),
+        "llm": LlamaConfig(vocab_size=1000, dim=256, n_layers=4, n_heads=4, intermediate_size=688, max_seq_len=512).to_dict(),
         "image_size": 128,
     },
 }

@@ -1,7 +1,7 @@
 """Pretrain Baby GeoChat's vision tower on the synthetic world, as CLIP is pretrained before GeoChat.
 
     python synthetic/pretrain_tower.py --config baby --out DIR [--n-train 8000] [--seed 0] [--steps 800]
-                                       [--schedule constant|cosine]
+                                       [--schedule constant|cosine] [--count-weight W]
     python synthetic/pretrain_tower.py --from-checkpoint checkpoints/baby-geochat --out DIR
 
 GeoChat starts from a pretrained CLIP tower and keeps it frozen; a tower trained from scratch through the
@@ -12,6 +12,9 @@ covers the patch (`scenes.cell_objects`, the grid task's labels) and that object
 is learned twice: as five regressed numbers, and as five 101-way choices (soft targets around the true
 value), so that each value is also place-coded in the features, the form in which the decoder must emit it
 (one token per value with `prepare.py tokenizer --box-pieces`).
+With `--count-weight W` every patch also learns, through a second linear head, how many objects of each class
+the whole scene holds (0-3, a 4-way choice per class): presence and count become a feature of every image token,
+where without it the decoder has to find and tell apart the class's patches itself.
 The scenes are the dataset's own training scenes (the same seeds as `prepare.py scenes --seed`), rendered
 in memory. DIR becomes an HF `CLIPVisionModel` directory (config.json + model.safetensors) that
 `train.py --config baby --vision-tower DIR` starts from, frozen like the reference's CLIP.
@@ -34,7 +37,7 @@ from data import preprocess_image  # noqa: E402
 from geochat import CLIP_KEYS, GeoChat, GeoChatConfig, unmap_keys  # noqa: E402
 from boxes import BOX_VALUE_PIECES  # noqa: E402
 from synthetic.prepare import UsageError, _writable_dir, image_seed  # noqa: E402
-from synthetic.scenes import OBJECT_CLASSES, cell_objects, make_scene  # noqa: E402
+from synthetic.scenes import N_OBJECTS_WEIGHTS, OBJECT_CLASSES, cell_objects, class_counts, make_scene  # noqa: E402
 from train import UsageError as ConfigError, init_weights, load_config, lr_at  # noqa: E402
 from vit import VisionTower  # noqa: E402
 
@@ -46,28 +49,32 @@ VALUE_SIGMA = 1.5    # the choice's soft target: a Gaussian of this many values 
 VALUE_WEIGHT = 1.0   # its weight against the class loss
 N_CLASSES = 1 + len(OBJECT_CLASSES)  # ground first
 HEAD_OUTPUTS = N_CLASSES + 5 + 5 * BOX_VALUES  # class logits, regressed box, the five values' logits
+COUNT_VALUES = len(N_OBJECTS_WEIGHTS)  # a class's count in a scene as a choice: 0 to the most objects a scene holds
+COUNT_OUTPUTS = len(OBJECT_CLASSES) * COUNT_VALUES  # the count head: each class's count logits
 VALUE_SCALE = torch.tensor([100.0, 100.0, 100.0, 100.0, ANGLE_RANGE])  # normalised box -> integer values
 
 
 def render(seed: int, split: int, n: int, size: int, grid: int, object_scale: float = 1.0):
     """n scenes of one split: images (n, 3, size, size) float16, cell classes (n, grid*grid) (0 = ground),
     cell boxes (n, grid*grid, 5): the covering object's x1, y1, x2, y2 / 100 and angle / 90 (0 on ground),
-    and the scenes' annotations."""
+    the scenes' annotations, and each scene's count of every class (n, len(OBJECT_CLASSES))."""
     images = torch.empty(n, 3, size, size, dtype=torch.float16)
     classes = torch.zeros(n, grid * grid, dtype=torch.long)
     boxes = torch.zeros(n, grid * grid, 5)
+    counts = torch.zeros(n, len(OBJECT_CLASSES), dtype=torch.long)
     anns = []
     for i in tqdm(range(n), desc=f"split {split} scenes", unit="img", leave=False):
         img, ann = make_scene(image_seed(seed, split, i), size, object_scale=object_scale)
         images[i] = preprocess_image(img, size).to(torch.float16)
         anns.append(ann)
+        counts[i] = torch.tensor(list(class_counts(ann).values()))
         for cell, k in enumerate(cell_objects(ann, grid)):
             if k >= 0:
                 obj = ann["objects"][k]
                 classes[i, cell] = OBJECT_CLASSES.index(obj["class"]) + 1
                 x1, y1, x2, y2, theta = obj["grid"]
                 boxes[i, cell] = torch.tensor([x1 / 100, y1 / 100, x2 / 100, y2 / 100, theta / ANGLE_RANGE])
-    return images, classes, boxes, anns
+    return images, classes, boxes, anns, counts
 
 
 def value_targets(boxes: torch.Tensor) -> torch.Tensor:
@@ -95,23 +102,39 @@ def patch_loss(head, feats, classes, boxes):
     return cls_loss + BOX_WEIGHT * box_loss + VALUE_WEIGHT * value_loss
 
 
+def count_loss(count_head, feats, counts):
+    """Every patch's cross-entropy of its scene's count of each class (counts (B, len(OBJECT_CLASSES)))."""
+    logits = count_head(feats).unflatten(-1, (len(OBJECT_CLASSES), COUNT_VALUES))  # (B, P, classes, COUNT_VALUES)
+    target = counts[:, None, :].expand(-1, feats.shape[1], -1)  # (B, P, classes)
+    return F.cross_entropy(logits.flatten(0, 2), target.flatten())
+
+
 @torch.no_grad()
-def evaluate(tower, head, images, classes, boxes, batch=64):
+def evaluate(tower, head, images, classes, boxes, batch=64, count_head=None, counts=None):
     """Held-out: class accuracy on object patches and on ground patches; on object patches, the mean error in grid
-    units of the regressed box and of the chosen box values (x1, y1, x2, y2)."""
-    preds, regs, picks = [], [], []
+    units of the regressed box and of the chosen box values (x1, y1, x2, y2). With a count head, also how often a
+    single patch's count choice is right (each class of each scene, every patch) and how often its presence is."""
+    preds, regs, picks, count_picks = [], [], [], []
     for a in range(0, len(images), batch):
-        out = head(tower(images[a:a + batch].float()))  # (b, P, HEAD_OUTPUTS)
+        feats = tower(images[a:a + batch].float())  # (b, P, width)
+        out = head(feats)  # (b, P, HEAD_OUTPUTS)
+        if count_head is not None:
+            count_picks.append(count_head(feats).unflatten(-1, (len(OBJECT_CLASSES), COUNT_VALUES)).argmax(-1))
         preds.append(out[..., :N_CLASSES].argmax(-1))
         regs.append(out[..., N_CLASSES:N_CLASSES + 5])
         picks.append(out[..., N_CLASSES + 5:].unflatten(-1, (5, BOX_VALUES)).argmax(-1))  # (b, P, 5)
     pred, reg, pick = torch.cat(preds), torch.cat(regs), torch.cat(picks)
     on = classes > 0
     truth = (boxes[on] * VALUE_SCALE).round()
-    return {"object_patch_acc": (pred[on] == classes[on]).float().mean().item(),
-            "ground_patch_acc": (pred[~on] == 0).float().mean().item(),
-            "box_error_grid": ((reg[on][:, :4] - boxes[on][:, :4]).abs().mean() * 100).item(),
-            "box_value_error_grid": (pick[on][:, :4] - truth[:, :4]).abs().float().mean().item()}
+    metrics = {"object_patch_acc": (pred[on] == classes[on]).float().mean().item(),
+               "ground_patch_acc": (pred[~on] == 0).float().mean().item(),
+               "box_error_grid": ((reg[on][:, :4] - boxes[on][:, :4]).abs().mean() * 100).item(),
+               "box_value_error_grid": (pick[on][:, :4] - truth[:, :4]).abs().float().mean().item()}
+    if count_head is not None:
+        count_pick, truth_counts = torch.cat(count_picks), counts[:, None, :]  # (n, P, classes), (n, 1, classes)
+        metrics["patch_count_acc"] = (count_pick == truth_counts).float().mean().item()
+        metrics["patch_presence_acc"] = ((count_pick > 0) == (truth_counts > 0)).float().mean().item()
+    return metrics
 
 
 def save_clip_dir(tower: VisionTower, out: Path):
@@ -143,15 +166,21 @@ def tower_lr(step, steps, peak, schedule):
     return lr_at(step + 1, steps + 1, warmup, peak)  # one step on: the first step trains at peak / warmup, not 0
 
 
-def fit(tower, head, images, classes, boxes, steps, batch_size, lr, progress=True, schedule="constant"):
-    """AdamW on patch_loss over random batches (torch's global RNG), lr from tower_lr."""
-    opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.0)
+def fit(tower, head, images, classes, boxes, steps, batch_size, lr, progress=True, schedule="constant",
+        count_head=None, counts=None, count_weight=0.0):
+    """AdamW on patch_loss (plus count_weight x count_loss with a count head) over random batches (torch's global
+    RNG), lr from tower_lr."""
+    heads = list(head.parameters()) + (list(count_head.parameters()) if count_head is not None else [])
+    opt = torch.optim.AdamW(list(tower.parameters()) + heads, lr=lr, weight_decay=0.0)
     bar = tqdm(range(steps), desc="tower", unit="step", disable=not progress)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = tower_lr(step, steps, lr, schedule)
         idx = torch.randint(0, len(images), (batch_size,))
-        loss = patch_loss(head, tower(images[idx].float()), classes[idx], boxes[idx])
+        feats = tower(images[idx].float())  # (batch, P, width)
+        loss = patch_loss(head, feats, classes[idx], boxes[idx])
+        if count_head is not None:
+            loss = loss + count_weight * count_loss(count_head, feats, counts[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -165,11 +194,16 @@ def pretrain(args, cfg: GeoChatConfig) -> dict:
     init_weights(model, args.seed)  # the same start as a scratch tower in train.py (sine-cosine position rows)
     tower = model.vision.float().train()
     head = torch.nn.Linear(cfg.vision.width, HEAD_OUTPUTS)
+    # made only when asked for, so that a tower without counts draws the same random numbers as before the option
+    count_head = torch.nn.Linear(cfg.vision.width, COUNT_OUTPUTS) if args.count_weight > 0 else None
     train = render(args.data_seed, 0, args.n_train, cfg.image_size, tower.grid, args.object_scale)
     test = render(args.data_seed, 1, args.n_test, cfg.image_size, tower.grid, args.object_scale)
     start = time.time()
-    fit(tower, head, *train[:3], args.steps, args.batch_size, args.lr, schedule=args.schedule)
-    metrics = {"steps": args.steps, "schedule": args.schedule, "seconds": round(time.time() - start, 1), **evaluate(tower, head, *test[:3])}
+    fit(tower, head, *train[:3], args.steps, args.batch_size, args.lr, schedule=args.schedule,
+        count_head=count_head, counts=train[4], count_weight=args.count_weight)
+    metrics = {"steps": args.steps, "schedule": args.schedule, "seconds": round(time.time() - start, 1),
+               **({"count_weight": args.count_weight} if count_head is not None else {}),
+               **evaluate(tower, head, *test[:3], count_head=count_head, counts=test[4])}
     save_clip_dir(tower, Path(args.out))
     (Path(args.out) / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -198,6 +232,8 @@ def build_parser():
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (linear warmup over 5%% of the steps)")
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
                    help="after the warmup: hold the peak lr (the shipped baby's tower) or cosine to 0")
+    p.add_argument("--count-weight", type=float, default=0.0,
+                   help="also learn, at every patch, the scene's count of each class, with this weight (0: not learned)")
     p.add_argument("--seed", type=int, default=0, help="init and batch-order seed")
     p.add_argument("--from-checkpoint", type=Path, default=None,
                    help="train nothing: write this trained checkpoint's tower to --out (the training flags are unused)")
@@ -216,6 +252,8 @@ def main(argv=None):
             raise UsageError(f"--object-scale must be in [0.5, 4], got {args.object_scale}")
         if not args.lr > 0:
             raise UsageError(f"--lr must be > 0, got {args.lr}")
+        if not args.count_weight >= 0:
+            raise UsageError(f"--count-weight must be >= 0, got {args.count_weight}")
         if args.from_checkpoint:
             metrics = tower_from_checkpoint(args.from_checkpoint, Path(args.out))
         else:

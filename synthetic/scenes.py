@@ -329,7 +329,8 @@ def make_scene(rng_seed, size=128, draw_objects=True, object_scale=1.0):
 
 # ------------------------------------------------------------------------------ questions
 
-def _counts(ann):
+def class_counts(ann):
+    """The scene's number of objects of every class, {class: n} in OBJECT_CLASSES order."""
     counts = {c: 0 for c in OBJECT_CLASSES}
     for o in ann["objects"]:
         counts[o["class"]] += 1
@@ -393,7 +394,7 @@ def _size_group(ann, ids):
 
 def _presence(ann, rng):
     """(question, answer, facts stated, facts given away) of a presence question."""
-    counts = _counts(ann)
+    counts = class_counts(ann)
     present = [c for c in OBJECT_CLASSES if counts[c]]
     absent = [c for c in OBJECT_CLASSES if not counts[c]]
     yes = bool(present) and rng.random() < PRESENCE_YES
@@ -404,7 +405,7 @@ def _presence(ann, rng):
 
 def _count(ann, rng):
     """(question, answer, facts stated, facts given away) of a count question."""
-    counts = _counts(ann)
+    counts = class_counts(ann)
     present = [c for c in OBJECT_CLASSES if counts[c]]
     pool = present if present and rng.random() < 0.75 else list(OBJECT_CLASSES)
     cls = rng.choice(pool)
@@ -414,7 +415,7 @@ def _count(ann, rng):
 
 def _comparison(ann, rng):
     """(question, answer, facts stated, facts given away) of a comparison, or None when all counts are equal."""
-    counts = _counts(ann)
+    counts = class_counts(ann)
     pairs = [(a, b) for i, a in enumerate(OBJECT_CLASSES) for b in OBJECT_CLASSES[i + 1:]
              if counts[a] != counts[b]]
     if not pairs:

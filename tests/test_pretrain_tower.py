@@ -55,6 +55,42 @@ def test_box_values_are_soft_choices_peaked_at_the_true_value_and_the_loss_learn
     assert picks.tolist() == [[10, 25, 57, 100, 45], [0, 50, 7, 33, 0]]
 
 
+def test_scene_counts_are_each_class_counted_and_a_count_head_learns_them_at_every_patch():
+    """render's counts are each class's objects in the annotation; count_loss trains every patch to give them
+    (a head fitted on fixed features picks each class's count at every patch of its scene)."""
+    _, _, _, anns, counts = pretrain_tower.render(0, 1, 6, 64, 4)
+    for ann, row in zip(anns, counts.tolist()):
+        assert row == [sum(o["class"] == c for o in ann["objects"]) for c in OBJECT_CLASSES]
+    assert counts.max() <= pretrain_tower.COUNT_VALUES - 1 and counts.sum() > 0
+    torch.manual_seed(0)
+    feats = torch.randn(2, 3, 16)  # 2 scenes x 3 patches
+    scene_counts = torch.tensor([[0, 2, 0, 1, 3], [1, 0, 0, 0, 0]])
+    head = torch.nn.Linear(16, pretrain_tower.COUNT_OUTPUTS)
+    opt = torch.optim.Adam(head.parameters(), lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        pretrain_tower.count_loss(head, feats, scene_counts).backward()
+        opt.step()
+    picks = head(feats).unflatten(-1, (len(OBJECT_CLASSES), pretrain_tower.COUNT_VALUES)).argmax(-1)  # (2, 3, 5)
+    assert torch.equal(picks, scene_counts[:, None, :].expand(-1, 3, -1))
+
+
+def test_count_weight_is_recorded_with_its_accuracy_and_zero_leaves_the_tower_as_before(tmp_path):
+    """--count-weight 0 (the default) trains the very tower of a run without the option; a positive weight changes
+    it and records the held-out count accuracy."""
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_dict()))
+    towers = {}
+    for name, extra in (("plain", []), ("zero", ["--count-weight", "0"]), ("counts", ["--count-weight", "1"])):
+        pretrain_tower.main(["--config", str(tmp_path / "config.json"), "--out", str(tmp_path / name), "--n-train", "8",
+                             "--n-test", "4", "--steps", "3", "--batch-size", "4", *extra])
+        towers[name] = load_file(str(tmp_path / name / "model.safetensors"))
+    assert all(torch.equal(towers["plain"][k], towers["zero"][k]) for k in towers["plain"])
+    assert not all(torch.equal(towers["plain"][k], towers["counts"][k]) for k in towers["plain"])
+    metrics = json.loads((tmp_path / "counts" / "pretrain_metrics.json").read_text())
+    assert metrics["count_weight"] == 1.0 and 0.0 <= metrics["patch_count_acc"] <= metrics["patch_presence_acc"] <= 1.0
+    assert "patch_count_acc" not in json.loads((tmp_path / "plain" / "pretrain_metrics.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def tower_dir(tmp_path_factory):
     """A tower of test_train's tiny config pretrained for a few steps (its second block written as an identity)."""
@@ -149,6 +185,7 @@ def test_cosine_tower_trains_and_records_its_schedule(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--steps", "0"], "--steps must be >= 1"),
     (["--object-scale", "9"], "--object-scale must be in"),
+    (["--count-weight", "-1"], "--count-weight must be >= 0"),
     (["--config", "nope"], "neither a known config"),
 ])
 def test_pretrain_tower_refuses_bad_input(tmp_path, capsys, argv, message):
