@@ -1,7 +1,7 @@
 """Pretrain Baby GeoChat's vision tower on the synthetic world, as CLIP is pretrained before GeoChat.
 
     python synthetic/pretrain_tower.py --config baby --out DIR [--n-train 8000] [--seed 0] [--steps 800]
-                                       [--schedule constant|cosine] [--count-weight W]
+                                       [--schedule constant|cosine] [--angle-weight W] [--wrap-angle] [--count-weight W]
     python synthetic/pretrain_tower.py --from-checkpoint checkpoints/baby-geochat --out DIR
 
 GeoChat starts from a pretrained CLIP tower and keeps it frozen; a tower trained from scratch through the
@@ -11,7 +11,9 @@ covers the patch (`scenes.cell_objects`, the grid task's labels) and that object
 (x1, y1, x2, y2 on the 0-100 grid and the angle), through a linear head that is then thrown away. The box
 is learned twice: as five regressed numbers, and as five 101-way choices (soft targets around the true
 value), so that each value is also place-coded in the features, the form in which the decoder must emit it
-(one token per value with `prepare.py tokenizer --box-pieces`).
+(one token per value with `prepare.py tokenizer --box-pieces`). `--wrap-angle` makes the angle's choice wrap around
+at 90 (89 and 0 are one edge direction) and `--angle-weight W` weighs it W times a corner value's (tried, not in
+the recipe: README, the attempts table's row "a tower that reads the angle").
 With `--count-weight W` every patch also learns, through a second linear head, how many objects of each class
 the whole scene holds (0-3, a 4-way choice per class): presence and count become a feature of every image token,
 where without it the decoder has to find and tell apart the class's patches itself.
@@ -77,17 +79,24 @@ def render(seed: int, split: int, n: int, size: int, grid: int, object_scale: fl
     return images, classes, boxes, anns, counts
 
 
-def value_targets(boxes: torch.Tensor) -> torch.Tensor:
-    """Normalised boxes (n, 5) -> soft targets (n, 5, BOX_VALUES) around each integer value."""
+def value_targets(boxes: torch.Tensor, wrap_angle: bool = False) -> torch.Tensor:
+    """Normalised boxes (n, 5) -> soft targets (n, 5, BOX_VALUES) around each integer value. With wrap_angle the
+    angle's wraps around at 90 (89 and 0 are one edge direction: a box turned by 90 is itself with its sides swapped)
+    and puts nothing on 90-100, which are no angles."""
     values = (boxes * VALUE_SCALE).round()  # (n, 5)
     grid = torch.arange(BOX_VALUES, dtype=boxes.dtype)
-    target = torch.exp(-0.5 * ((grid - values[..., None]) / VALUE_SIGMA) ** 2)  # (n, 5, BOX_VALUES)
+    distance = (grid - values[..., None]).abs()  # (n, 5, BOX_VALUES)
+    if wrap_angle:
+        angle_distance = torch.minimum(distance[:, 4], ANGLE_RANGE - distance[:, 4])  # (n, BOX_VALUES)
+        angle_distance[:, int(ANGLE_RANGE):] = float("inf")
+        distance = torch.cat([distance[:, :4], angle_distance[:, None]], 1)
+    target = torch.exp(-0.5 * (distance / VALUE_SIGMA) ** 2)  # (n, 5, BOX_VALUES)
     return target / target.sum(-1, keepdim=True)
 
 
-def patch_loss(head, feats, classes, boxes):
+def patch_loss(head, feats, classes, boxes, angle_weight=1.0, wrap_angle=False):
     """Class cross-entropy (ground down-weighted), plus on the object patches the L1 box error and the
-    cross-entropy of each box value's choice."""
+    cross-entropy of each box value's choice (value_targets), the angle's weighted by angle_weight."""
     out = head(feats)  # (B, P, HEAD_OUTPUTS)
     weight = torch.ones(N_CLASSES)
     weight[0] = GROUND_WEIGHT
@@ -98,7 +107,10 @@ def patch_loss(head, feats, classes, boxes):
     obj = out[on]  # (n, HEAD_OUTPUTS)
     box_loss = (obj[:, N_CLASSES:N_CLASSES + 5] - boxes[on]).abs().mean()
     logits = obj[:, N_CLASSES + 5:].view(-1, 5, BOX_VALUES)  # (n, 5, BOX_VALUES)
-    value_loss = -(value_targets(boxes[on]) * logits.log_softmax(-1)).sum(-1).mean()
+    value_loss = -(value_targets(boxes[on], wrap_angle) * logits.log_softmax(-1)).sum(-1)  # (n, 5)
+    if angle_weight != 1.0:
+        value_loss = value_loss * torch.tensor([1.0, 1.0, 1.0, 1.0, angle_weight])
+    value_loss = value_loss.mean()
     return cls_loss + BOX_WEIGHT * box_loss + VALUE_WEIGHT * value_loss
 
 
@@ -112,7 +124,8 @@ def count_loss(count_head, feats, counts):
 @torch.no_grad()
 def evaluate(tower, head, images, classes, boxes, batch=64, count_head=None, counts=None):
     """Held-out: class accuracy on object patches and on ground patches; on object patches, the mean error in grid
-    units of the regressed box and of the chosen box values (x1, y1, x2, y2). With a count head, also how often a
+    units of the regressed box and of the chosen box values (x1, y1, x2, y2), and of the chosen angle in degrees
+    (modulo 90, storage tanks left out). With a count head, also how often a
     single patch's count choice is right (each class of each scene, every patch) and how often its presence is."""
     preds, regs, picks, count_picks = [], [], [], []
     for a in range(0, len(images), batch):
@@ -130,6 +143,10 @@ def evaluate(tower, head, images, classes, boxes, batch=64, count_head=None, cou
                "ground_patch_acc": (pred[~on] == 0).float().mean().item(),
                "box_error_grid": ((reg[on][:, :4] - boxes[on][:, :4]).abs().mean() * 100).item(),
                "box_value_error_grid": (pick[on][:, :4] - truth[:, :4]).abs().float().mean().item()}
+    turned = on & (classes != OBJECT_CLASSES.index("storage tank") + 1)  # a round tank's angle is always 0
+    if turned.any():
+        miss = (pick[turned][:, 4] - (boxes[turned][:, 4] * ANGLE_RANGE).round()).abs() % ANGLE_RANGE
+        metrics["angle_value_error_deg"] = torch.minimum(miss, ANGLE_RANGE - miss).float().mean().item()
     if count_head is not None:
         count_pick, truth_counts = torch.cat(count_picks), counts[:, None, :]  # (n, P, classes), (n, 1, classes)
         metrics["patch_count_acc"] = (count_pick == truth_counts).float().mean().item()
@@ -167,7 +184,7 @@ def tower_lr(step, steps, peak, schedule):
 
 
 def fit(tower, head, images, classes, boxes, steps, batch_size, lr, progress=True, schedule="constant",
-        count_head=None, counts=None, count_weight=0.0):
+        count_head=None, counts=None, count_weight=0.0, angle_weight=1.0, wrap_angle=False):
     """AdamW on patch_loss (plus count_weight x count_loss with a count head) over random batches (torch's global
     RNG), lr from tower_lr."""
     heads = list(head.parameters()) + (list(count_head.parameters()) if count_head is not None else [])
@@ -178,7 +195,7 @@ def fit(tower, head, images, classes, boxes, steps, batch_size, lr, progress=Tru
             g["lr"] = tower_lr(step, steps, lr, schedule)
         idx = torch.randint(0, len(images), (batch_size,))
         feats = tower(images[idx].float())  # (batch, P, width)
-        loss = patch_loss(head, feats, classes[idx], boxes[idx])
+        loss = patch_loss(head, feats, classes[idx], boxes[idx], angle_weight, wrap_angle)
         if count_head is not None:
             loss = loss + count_weight * count_loss(count_head, feats, counts[idx])
         opt.zero_grad(set_to_none=True)
@@ -200,8 +217,11 @@ def pretrain(args, cfg: GeoChatConfig) -> dict:
     test = render(args.data_seed, 1, args.n_test, cfg.image_size, tower.grid, args.object_scale)
     start = time.time()
     fit(tower, head, *train[:3], args.steps, args.batch_size, args.lr, schedule=args.schedule,
-        count_head=count_head, counts=train[4], count_weight=args.count_weight)
+        count_head=count_head, counts=train[4], count_weight=args.count_weight, angle_weight=args.angle_weight,
+        wrap_angle=args.wrap_angle)
     metrics = {"steps": args.steps, "schedule": args.schedule, "seconds": round(time.time() - start, 1),
+               **({"angle_weight": args.angle_weight} if args.angle_weight != 1.0 else {}),
+               **({"wrap_angle": True} if args.wrap_angle else {}),
                **({"count_weight": args.count_weight} if count_head is not None else {}),
                **evaluate(tower, head, *test[:3], count_head=count_head, counts=test[4])}
     save_clip_dir(tower, Path(args.out))
@@ -234,6 +254,10 @@ def build_parser():
                    help="after the warmup: hold the peak lr (the shipped baby's tower) or cosine to 0")
     p.add_argument("--count-weight", type=float, default=0.0,
                    help="also learn, at every patch, the scene's count of each class, with this weight (0: not learned)")
+    p.add_argument("--angle-weight", type=float, default=1.0,
+                   help="the weight of the box angle's choice against each corner value's (1: the same)")
+    p.add_argument("--wrap-angle", action="store_true",
+                   help="the angle's soft target wraps around at 90 (89 and 0 are one edge direction)")
     p.add_argument("--seed", type=int, default=0, help="init and batch-order seed")
     p.add_argument("--from-checkpoint", type=Path, default=None,
                    help="train nothing: write this trained checkpoint's tower to --out (the training flags are unused)")
@@ -252,6 +276,8 @@ def main(argv=None):
             raise UsageError(f"--object-scale must be in [0.5, 4], got {args.object_scale}")
         if not args.lr > 0:
             raise UsageError(f"--lr must be > 0, got {args.lr}")
+        if not args.angle_weight >= 0:
+            raise UsageError(f"--angle-weight must be >= 0, got {args.angle_weight}")
         if not args.count_weight >= 0:
             raise UsageError(f"--count-weight must be >= 0, got {args.count_weight}")
         if args.from_checkpoint:

@@ -55,6 +55,32 @@ def test_box_values_are_soft_choices_peaked_at_the_true_value_and_the_loss_learn
     assert picks.tolist() == [[10, 25, 57, 100, 45], [0, 50, 7, 33, 0]]
 
 
+def test_a_wrapped_angle_choice_goes_around_at_90_and_its_weight_scales_its_loss_alone():
+    """With wrap_angle an angle of 89 is the edge direction of 0 (the box turned by 90 with its sides swapped): its soft
+    target puts as much on 0 as on 88 and nothing on 90-100, which are no angles; without it (the shipped tower's) 0 gets
+    nearly nothing; the corners' targets never wrap. angle_weight scales the angle's choice term and nothing else."""
+    boxes = torch.tensor([[0.01, 0.25, 0.99, 1.00, 89 / 90]])
+    target = pretrain_tower.value_targets(boxes, wrap_angle=True)[0]  # (5, 101)
+    angle = target[4]
+    torch.testing.assert_close(angle[[0, 1]], angle[[88, 87]])
+    assert angle.argmax() == 89 and angle[90:].sum() == 0
+    assert target[0, 100] < 1e-6 and target[2, 0] < 1e-6  # x1 = 1 does not reach 100, x2 = 99 does not reach 0
+    plain = pretrain_tower.value_targets(boxes)[0]
+    torch.testing.assert_close(plain[:4], target[:4])
+    assert plain[4, 0] < 1e-6 and plain[4, 90] > 0.1
+    torch.manual_seed(0)
+    feats, classes = torch.randn(1, 2, 16), torch.tensor([[3, 0]])
+    cell_boxes = torch.zeros(1, 2, 5)
+    cell_boxes[0, 0] = boxes[0]
+    head = torch.nn.Linear(16, pretrain_tower.HEAD_OUTPUTS)
+    losses = [pretrain_tower.patch_loss(head, feats, classes, cell_boxes, angle_weight=w, wrap_angle=True)
+              for w in (0.0, 1.0, 3.0)]
+    logits = head(feats[0, 0])[pretrain_tower.N_CLASSES + 5:].view(5, -1)
+    angle_term = -(target[4] * logits[4].log_softmax(-1)).sum() / 5 * pretrain_tower.VALUE_WEIGHT
+    torch.testing.assert_close(losses[1] - losses[0], angle_term)
+    torch.testing.assert_close(losses[2] - losses[0], 3 * angle_term)
+
+
 def test_scene_counts_are_each_class_counted_and_a_count_head_learns_them_at_every_patch():
     """render's counts are each class's objects in the annotation; count_loss trains every patch to give them
     (a head fitted on fixed features picks each class's count at every patch of its scene)."""
@@ -75,20 +101,25 @@ def test_scene_counts_are_each_class_counted_and_a_count_head_learns_them_at_eve
     assert torch.equal(picks, scene_counts[:, None, :].expand(-1, 3, -1))
 
 
-def test_count_weight_is_recorded_with_its_accuracy_and_zero_leaves_the_tower_as_before(tmp_path):
-    """--count-weight 0 (the default) trains the very tower of a run without the option; a positive weight changes
-    it and records the held-out count accuracy."""
+def test_count_and_angle_options_are_recorded_and_their_defaults_leave_the_tower_as_before(tmp_path):
+    """--count-weight 0 and --angle-weight 1 (the defaults) train the very tower of a run without the options; a
+    positive count weight, or a wrapped and weighted angle, changes it, and each is recorded with its metrics."""
     (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_dict()))
     towers = {}
-    for name, extra in (("plain", []), ("zero", ["--count-weight", "0"]), ("counts", ["--count-weight", "1"])):
+    for name, extra in (("plain", []), ("zero", ["--count-weight", "0", "--angle-weight", "1"]),
+                        ("counts", ["--count-weight", "1"]), ("angle", ["--wrap-angle", "--angle-weight", "5"])):
         pretrain_tower.main(["--config", str(tmp_path / "config.json"), "--out", str(tmp_path / name), "--n-train", "8",
-                             "--n-test", "4", "--steps", "3", "--batch-size", "4", *extra])
-        towers[name] = load_file(str(tmp_path / name / "model.safetensors"))
+                             "--n-test", "4", "--steps", "3", "--batch-size", "4", "--object-scale", "2.5", *extra])
+        towers[name] = load_file(str(tmp_path / name / "model.safetensors"))  # 2.5: objects that cover patch centres
     assert all(torch.equal(towers["plain"][k], towers["zero"][k]) for k in towers["plain"])
     assert not all(torch.equal(towers["plain"][k], towers["counts"][k]) for k in towers["plain"])
+    assert not all(torch.equal(towers["plain"][k], towers["angle"][k]) for k in towers["plain"])
+    angle = json.loads((tmp_path / "angle" / "pretrain_metrics.json").read_text())
+    assert angle["angle_weight"] == 5.0 and angle["wrap_angle"] is True and 0.0 <= angle["angle_value_error_deg"] <= 45.0
     metrics = json.loads((tmp_path / "counts" / "pretrain_metrics.json").read_text())
     assert metrics["count_weight"] == 1.0 and 0.0 <= metrics["patch_count_acc"] <= metrics["patch_presence_acc"] <= 1.0
-    assert "patch_count_acc" not in json.loads((tmp_path / "plain" / "pretrain_metrics.json").read_text())
+    plain = json.loads((tmp_path / "plain" / "pretrain_metrics.json").read_text())
+    assert "patch_count_acc" not in plain and "angle_weight" not in plain and "wrap_angle" not in plain
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +217,7 @@ def test_cosine_tower_trains_and_records_its_schedule(tmp_path):
     (["--steps", "0"], "--steps must be >= 1"),
     (["--object-scale", "9"], "--object-scale must be in"),
     (["--count-weight", "-1"], "--count-weight must be >= 0"),
+    (["--angle-weight", "-1"], "--angle-weight must be >= 0"),
     (["--config", "nope"], "neither a known config"),
 ])
 def test_pretrain_tower_refuses_bad_input(tmp_path, capsys, argv, message):
