@@ -44,6 +44,7 @@ from boxes import Box, box_polygon_grid, parse_boxes, polygon_iou  # noqa: E402
 from geochat import GeoChat  # noqa: E402
 from synthetic.scenes import (GROUNDING_PROMPT, OBJECT_CLASSES, SCENE_CLASSES, SCENE_PROMPT, bench_questions,  # noqa: E402
                               description_head, make_scene)
+from synthetic.pretrain_tower import angle_error_deg  # noqa: E402
 from train import CausalLMLoss, init_weights  # noqa: E402
 
 
@@ -167,8 +168,7 @@ def angle_probe_error(x_train, angle_train, x_test, angle_test, ridge: float = 1
     weight = torch.linalg.solve(gram, x_train.T @ (target - target_mean))  # (C, 2)
     pred = x_test @ weight + target_mean  # (M, 2)
     pred_angle = torch.rad2deg(torch.atan2(pred[:, 1], pred[:, 0])) / 4 % 90
-    diff = (pred_angle - angle_test).abs() % 90
-    return float(torch.minimum(diff, 90 - diff).mean())
+    return float(angle_error_deg(pred_angle, angle_test).mean())
 
 
 def probes(model: GeoChat, data_dir: Path, train_anns, test_anns) -> dict:

@@ -94,6 +94,12 @@ def value_targets(boxes: torch.Tensor, wrap_angle: bool = False) -> torch.Tensor
     return target / target.sum(-1, keepdim=True)
 
 
+def angle_error_deg(angle: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Elementwise error in degrees modulo 90 between box angles (a box turned by 90 is itself with its sides swapped)."""
+    miss = (angle - truth).abs() % ANGLE_RANGE
+    return torch.minimum(miss, ANGLE_RANGE - miss)
+
+
 def patch_loss(head, feats, classes, boxes, angle_weight=1.0, wrap_angle=False):
     """Class cross-entropy (ground down-weighted), plus on the object patches the L1 box error and the
     cross-entropy of each box value's choice (value_targets), the angle's weighted by angle_weight."""
@@ -145,8 +151,8 @@ def evaluate(tower, head, images, classes, boxes, batch=64, count_head=None, cou
                "box_value_error_grid": (pick[on][:, :4] - truth[:, :4]).abs().float().mean().item()}
     turned = on & (classes != OBJECT_CLASSES.index("storage tank") + 1)  # a round tank's angle is always 0
     if turned.any():
-        miss = (pick[turned][:, 4] - (boxes[turned][:, 4] * ANGLE_RANGE).round()).abs() % ANGLE_RANGE
-        metrics["angle_value_error_deg"] = torch.minimum(miss, ANGLE_RANGE - miss).float().mean().item()
+        truth_angle = (boxes[turned][:, 4] * ANGLE_RANGE).round()
+        metrics["angle_value_error_deg"] = angle_error_deg(pick[turned][:, 4], truth_angle).mean().item()
     if count_head is not None:
         count_pick, truth_counts = torch.cat(count_picks), counts[:, None, :]  # (n, P, classes), (n, 1, classes)
         metrics["patch_count_acc"] = (count_pick == truth_counts).float().mean().item()
