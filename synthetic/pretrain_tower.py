@@ -2,6 +2,7 @@
 
     python synthetic/pretrain_tower.py --config baby --out DIR [--n-train 8000] [--seed 0] [--steps 800]
                                        [--schedule constant|cosine] [--angle-weight W] [--wrap-angle] [--count-weight W]
+                                       [--axis-weight W] [--per-object]
     python synthetic/pretrain_tower.py --from-checkpoint checkpoints/baby-geochat --out DIR
 
 GeoChat starts from a pretrained CLIP tower and keeps it frozen; a tower trained from scratch through the
@@ -14,6 +15,12 @@ value), so that each value is also place-coded in the features, the form in whic
 (one token per value with `prepare.py tokenizer --box-pieces`). `--wrap-angle` makes the angle's choice wrap around
 at 90 (89 and 0 are one edge direction) and `--angle-weight W` weighs it W times a corner value's (tried, not in
 the recipe: README, the attempts table's row "a tower that reads the angle").
+`--per-object` weighs every object the same in the box terms, where by default every patch does (a plane covers
+about seven patches, a vehicle one or none, so the default teaches the boxes of planes most and of vehicles least);
+`--axis-weight W` also teaches each object patch its object's axis modulo 180 as (cos 2φ, sin 2φ), the heading that
+GeoChat's numbers split between the angle and which side is the longer. The held-out metrics include
+`object_box_iou50` (and per class): how often the box read off the head's value choices, over the patches an object
+covers, passes IoU 0.5, the box a decoder that copies the features would give.
 With `--count-weight W` every patch also learns, through a second linear head, how many objects of each class
 the whole scene holds (0-3, a 4-way choice per class): presence and count become a feature of every image token,
 where without it the decoder has to find and tell apart the class's patches itself.
@@ -26,6 +33,7 @@ so the shipped baby's is the tower its recipe pretrained) as such a directory, t
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -37,7 +45,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import preprocess_image  # noqa: E402
 from geochat import CLIP_KEYS, GeoChat, GeoChatConfig, unmap_keys  # noqa: E402
-from boxes import BOX_VALUE_PIECES  # noqa: E402
+from boxes import BOX_VALUE_PIECES, Box, box_polygon_grid, polygon_iou  # noqa: E402
 from synthetic.prepare import UsageError, _writable_dir, image_seed  # noqa: E402
 from synthetic.scenes import N_OBJECTS_WEIGHTS, OBJECT_CLASSES, cell_objects, class_counts, make_scene  # noqa: E402
 from train import UsageError as ConfigError, init_weights, load_config, lr_at  # noqa: E402
@@ -100,9 +108,10 @@ def angle_error_deg(angle: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return torch.minimum(miss, ANGLE_RANGE - miss)
 
 
-def patch_loss(head, feats, classes, boxes, angle_weight=1.0, wrap_angle=False):
+def patch_loss(head, feats, classes, boxes, angle_weight=1.0, wrap_angle=False, patch_weights=None):
     """Class cross-entropy (ground down-weighted), plus on the object patches the L1 box error and the
-    cross-entropy of each box value's choice (value_targets), the angle's weighted by angle_weight."""
+    cross-entropy of each box value's choice (value_targets), the angle's weighted by angle_weight. The box terms
+    are means over the object patches, or weighted means with patch_weights (B, P) (object_patch_weights)."""
     out = head(feats)  # (B, P, HEAD_OUTPUTS)
     weight = torch.ones(N_CLASSES)
     weight[0] = GROUND_WEIGHT
@@ -111,13 +120,74 @@ def patch_loss(head, feats, classes, boxes, angle_weight=1.0, wrap_angle=False):
     if not on.any():
         return cls_loss + out.sum() * 0
     obj = out[on]  # (n, HEAD_OUTPUTS)
-    box_loss = (obj[:, N_CLASSES:N_CLASSES + 5] - boxes[on]).abs().mean()
+    box_loss = (obj[:, N_CLASSES:N_CLASSES + 5] - boxes[on]).abs()  # (n, 5)
     logits = obj[:, N_CLASSES + 5:].view(-1, 5, BOX_VALUES)  # (n, 5, BOX_VALUES)
     value_loss = -(value_targets(boxes[on], wrap_angle) * logits.log_softmax(-1)).sum(-1)  # (n, 5)
     if angle_weight != 1.0:
         value_loss = value_loss * torch.tensor([1.0, 1.0, 1.0, 1.0, angle_weight])
-    value_loss = value_loss.mean()
+    if patch_weights is None:
+        box_loss, value_loss = box_loss.mean(), value_loss.mean()
+    else:
+        w = patch_weights[on] / patch_weights[on].sum()  # (n,)
+        box_loss, value_loss = (box_loss.mean(-1) * w).sum(), (value_loss.mean(-1) * w).sum()
     return cls_loss + BOX_WEIGHT * box_loss + VALUE_WEIGHT * value_loss
+
+
+def object_patch_weights(classes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """(n, P) weights that give every object the same weight in the box terms whatever its size: 1 / the number of
+    its scene's patches that carry its box (a plane covers about seven, a vehicle one); 0 on ground."""
+    same = (boxes[:, :, None, :] == boxes[:, None, :, :]).all(-1) & (classes[:, :, None] > 0)  # (n, P, P)
+    patches = same.sum(-1)  # (n, P) patches of each patch's object (two objects never share a box: they never overlap)
+    return torch.where(classes > 0, 1.0 / patches.clamp_min(1), torch.zeros(()))
+
+
+def axis_targets(anns, grid: int):
+    """Each patch's object axis (n, grid*grid, 2): (cos 2φ, sin 2φ) of the covering object's direction φ modulo 180
+    (a long object's heading, continuous where GeoChat's numbers jump at 90: a box turned 90 is the same box with its
+    sides swapped), and a mask (n, grid*grid) of the patches that have one (ground and round storage tanks do not)."""
+    axes = torch.zeros(len(anns), grid * grid, 2)
+    turned = torch.zeros(len(anns), grid * grid, dtype=torch.bool)
+    for i, ann in enumerate(anns):
+        for cell, k in enumerate(cell_objects(ann, grid)):
+            if k >= 0 and ann["objects"][k]["class"] != "storage tank":
+                phi = math.radians(2 * (ann["objects"][k]["direction"] % 180))
+                axes[i, cell] = torch.tensor([math.cos(phi), math.sin(phi)])
+                turned[i, cell] = True
+    return axes, turned
+
+
+def axis_loss(axis_head, feats, axes, turned):
+    """Mean squared error of each turned patch's axis (axis_targets); 0 (connected to the graph) without one."""
+    out = axis_head(feats)  # (B, P, 2)
+    if not turned.any():
+        return out.sum() * 0
+    return (out[turned] - axes[turned]).pow(2).sum(-1).mean()
+
+
+def axis_error_deg(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Elementwise error in degrees modulo 180 between axes given as (cos 2φ, sin 2φ) rows."""
+    miss = (torch.atan2(pred[:, 1], pred[:, 0]) - torch.atan2(truth[:, 1], truth[:, 0])).abs() % (2 * math.pi)
+    return torch.rad2deg(torch.minimum(miss, 2 * math.pi - miss)) / 2
+
+
+def object_box_hits(value_logits: torch.Tensor, anns, grid: int) -> dict:
+    """Per object class, [objects, objects whose box passes rotated IoU 0.5]: the box each held-out object gets from
+    the head's value choices averaged over the patches it covers (its centre's patch if it covers none), as the
+    decoder would read it off the features. value_logits (n, grid*grid, 5, BOX_VALUES)."""
+    hits = {cls: [0, 0] for cls in OBJECT_CLASSES}
+    step = 100.0 / grid
+    for i, ann in enumerate(anns):
+        cells = cell_objects(ann, grid)
+        for k, obj in enumerate(ann["objects"]):
+            mine = [c for c, owner in enumerate(cells) if owner == k]
+            if not mine:
+                x1, y1, x2, y2, _ = obj["grid"]
+                mine = [min(grid - 1, int((y1 + y2) / 2 // step)) * grid + min(grid - 1, int((x1 + x2) / 2 // step))]
+            values = value_logits[i, mine].mean(0).argmax(-1).tolist()  # (5,) x1, y1, x2, y2, angle
+            iou = polygon_iou(box_polygon_grid(Box(*values)), box_polygon_grid(Box(*obj["grid"])))
+            hits[obj["class"]][0] += 1
+            hits[obj["class"]][1] += iou >= 0.5
+    return hits
 
 
 def count_loss(count_head, feats, counts):
@@ -128,21 +198,26 @@ def count_loss(count_head, feats, counts):
 
 
 @torch.no_grad()
-def evaluate(tower, head, images, classes, boxes, batch=64, count_head=None, counts=None):
+def evaluate(tower, head, images, classes, boxes, batch=64, count_head=None, counts=None, anns=None, axis_head=None):
     """Held-out: class accuracy on object patches and on ground patches; on object patches, the mean error in grid
     units of the regressed box and of the chosen box values (x1, y1, x2, y2), and of the chosen angle in degrees
     (modulo 90, storage tanks left out). With a count head, also how often a
-    single patch's count choice is right (each class of each scene, every patch) and how often its presence is."""
-    preds, regs, picks, count_picks = [], [], [], []
+    single patch's count choice is right (each class of each scene, every patch) and how often its presence is.
+    With the scenes' annotations, the share of objects whose box from the value choices passes IoU 0.5, in all and
+    per class (object_box_hits); with an axis head, its mean error in degrees modulo 180 (axis_targets)."""
+    preds, regs, value_logits, count_picks, axis_preds = [], [], [], [], []
     for a in range(0, len(images), batch):
         feats = tower(images[a:a + batch].float())  # (b, P, width)
         out = head(feats)  # (b, P, HEAD_OUTPUTS)
         if count_head is not None:
             count_picks.append(count_head(feats).unflatten(-1, (len(OBJECT_CLASSES), COUNT_VALUES)).argmax(-1))
+        if axis_head is not None:
+            axis_preds.append(axis_head(feats))  # (b, P, 2)
         preds.append(out[..., :N_CLASSES].argmax(-1))
         regs.append(out[..., N_CLASSES:N_CLASSES + 5])
-        picks.append(out[..., N_CLASSES + 5:].unflatten(-1, (5, BOX_VALUES)).argmax(-1))  # (b, P, 5)
-    pred, reg, pick = torch.cat(preds), torch.cat(regs), torch.cat(picks)
+        value_logits.append(out[..., N_CLASSES + 5:].unflatten(-1, (5, BOX_VALUES)))  # (b, P, 5, BOX_VALUES)
+    pred, reg, logits = torch.cat(preds), torch.cat(regs), torch.cat(value_logits)
+    pick = logits.argmax(-1)  # (n, P, 5)
     on = classes > 0
     truth = (boxes[on] * VALUE_SCALE).round()
     metrics = {"object_patch_acc": (pred[on] == classes[on]).float().mean().item(),
@@ -157,6 +232,13 @@ def evaluate(tower, head, images, classes, boxes, batch=64, count_head=None, cou
         count_pick, truth_counts = torch.cat(count_picks), counts[:, None, :]  # (n, P, classes), (n, 1, classes)
         metrics["patch_count_acc"] = (count_pick == truth_counts).float().mean().item()
         metrics["patch_presence_acc"] = ((count_pick > 0) == (truth_counts > 0)).float().mean().item()
+    if anns is not None:
+        hits = object_box_hits(logits, anns, int(math.isqrt(classes.shape[1])))
+        metrics["object_box_iou50"] = sum(h for _, h in hits.values()) / max(1, sum(n for n, _ in hits.values()))
+        metrics.update({f"object_box_iou50_{cls.replace(' ', '_')}": h / n for cls, (n, h) in hits.items() if n})
+    if axis_head is not None:
+        axes, turned = axis_targets(anns, int(math.isqrt(classes.shape[1])))
+        metrics["axis_error_deg"] = axis_error_deg(torch.cat(axis_preds)[turned], axes[turned]).mean().item()
     return metrics
 
 
@@ -190,10 +272,12 @@ def tower_lr(step, steps, peak, schedule):
 
 
 def fit(tower, head, images, classes, boxes, steps, batch_size, lr, progress=True, schedule="constant",
-        count_head=None, counts=None, count_weight=0.0, angle_weight=1.0, wrap_angle=False):
-    """AdamW on patch_loss (plus count_weight x count_loss with a count head) over random batches (torch's global
-    RNG), lr from tower_lr."""
+        count_head=None, counts=None, count_weight=0.0, angle_weight=1.0, wrap_angle=False,
+        axis_head=None, axes=None, turned=None, axis_weight=0.0, patch_weights=None):
+    """AdamW on patch_loss (plus count_weight x count_loss with a count head, axis_weight x axis_loss with an axis
+    head; box terms weighted by patch_weights when given) over random batches (torch's global RNG), lr from tower_lr."""
     heads = list(head.parameters()) + (list(count_head.parameters()) if count_head is not None else [])
+    heads += list(axis_head.parameters()) if axis_head is not None else []
     opt = torch.optim.AdamW(list(tower.parameters()) + heads, lr=lr, weight_decay=0.0)
     bar = tqdm(range(steps), desc="tower", unit="step", disable=not progress)
     for step in bar:
@@ -201,9 +285,12 @@ def fit(tower, head, images, classes, boxes, steps, batch_size, lr, progress=Tru
             g["lr"] = tower_lr(step, steps, lr, schedule)
         idx = torch.randint(0, len(images), (batch_size,))
         feats = tower(images[idx].float())  # (batch, P, width)
-        loss = patch_loss(head, feats, classes[idx], boxes[idx], angle_weight, wrap_angle)
+        weights = patch_weights[idx] if patch_weights is not None else None
+        loss = patch_loss(head, feats, classes[idx], boxes[idx], angle_weight, wrap_angle, weights)
         if count_head is not None:
             loss = loss + count_weight * count_loss(count_head, feats, counts[idx])
+        if axis_head is not None:
+            loss = loss + axis_weight * axis_loss(axis_head, feats, axes[idx], turned[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -219,17 +306,23 @@ def pretrain(args, cfg: GeoChatConfig) -> dict:
     head = torch.nn.Linear(cfg.vision.width, HEAD_OUTPUTS)
     # made only when asked for, so that a tower without counts draws the same random numbers as before the option
     count_head = torch.nn.Linear(cfg.vision.width, COUNT_OUTPUTS) if args.count_weight > 0 else None
+    axis_head = torch.nn.Linear(cfg.vision.width, 2) if args.axis_weight > 0 else None
     train = render(args.data_seed, 0, args.n_train, cfg.image_size, tower.grid, args.object_scale)
     test = render(args.data_seed, 1, args.n_test, cfg.image_size, tower.grid, args.object_scale)
+    axes, turned = axis_targets(train[3], tower.grid) if axis_head is not None else (None, None)
     start = time.time()
     fit(tower, head, *train[:3], args.steps, args.batch_size, args.lr, schedule=args.schedule,
         count_head=count_head, counts=train[4], count_weight=args.count_weight, angle_weight=args.angle_weight,
-        wrap_angle=args.wrap_angle)
+        wrap_angle=args.wrap_angle, axis_head=axis_head, axes=axes, turned=turned, axis_weight=args.axis_weight,
+        patch_weights=object_patch_weights(train[1], train[2]) if args.per_object else None)
     metrics = {"steps": args.steps, "schedule": args.schedule, "seconds": round(time.time() - start, 1),
                **({"angle_weight": args.angle_weight} if args.angle_weight != 1.0 else {}),
                **({"wrap_angle": True} if args.wrap_angle else {}),
                **({"count_weight": args.count_weight} if count_head is not None else {}),
-               **evaluate(tower, head, *test[:3], count_head=count_head, counts=test[4])}
+               **({"axis_weight": args.axis_weight} if axis_head is not None else {}),
+               **({"per_object": True} if args.per_object else {}),
+               **evaluate(tower, head, *test[:3], count_head=count_head, counts=test[4], anns=test[3],
+                          axis_head=axis_head)}
     save_clip_dir(tower, Path(args.out))
     (Path(args.out) / "pretrain_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -264,6 +357,12 @@ def build_parser():
                    help="the weight of the box angle's choice against each corner value's (1: the same)")
     p.add_argument("--wrap-angle", action="store_true",
                    help="the angle's soft target wraps around at 90 (89 and 0 are one edge direction)")
+    p.add_argument("--axis-weight", type=float, default=0.0,
+                   help="also learn, at every object patch, its axis modulo 180 as (cos 2φ, sin 2φ), with this weight "
+                        "(0: not learned)")
+    p.add_argument("--per-object", action="store_true",
+                   help="every object weighs the same in the box terms (not every patch: a plane covers about seven "
+                        "patches, a vehicle one)")
     p.add_argument("--seed", type=int, default=0, help="init and batch-order seed")
     p.add_argument("--from-checkpoint", type=Path, default=None,
                    help="train nothing: write this trained checkpoint's tower to --out (the training flags are unused)")
@@ -286,6 +385,8 @@ def main(argv=None):
             raise UsageError(f"--angle-weight must be >= 0, got {args.angle_weight}")
         if not args.count_weight >= 0:
             raise UsageError(f"--count-weight must be >= 0, got {args.count_weight}")
+        if not args.axis_weight >= 0:
+            raise UsageError(f"--axis-weight must be >= 0, got {args.axis_weight}")
         if args.from_checkpoint:
             metrics = tower_from_checkpoint(args.from_checkpoint, Path(args.out))
         else:

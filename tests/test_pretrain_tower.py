@@ -1,6 +1,7 @@
 """The baby's vision pretraining: per-patch labels, the CLIP directory it writes, and train.py starting from it."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -101,25 +102,102 @@ def test_scene_counts_are_each_class_counted_and_a_count_head_learns_them_at_eve
     assert torch.equal(picks, scene_counts[:, None, :].expand(-1, 3, -1))
 
 
+def test_axis_targets_are_the_heading_modulo_180_and_a_box_read_off_the_true_values_passes():
+    """axis_targets: (cos 2φ, sin 2φ) of each object patch's direction (φ and φ + 180 one axis), none on ground or round
+    tanks; axis_error_deg goes around at 180; object_box_hits: value logits peaked at each object's own numbers on the
+    patches it covers pass every object, the same logits shifted by 10 grid units pass none."""
+    anns = [make_scene(seed)[1] for seed in range(40)]
+    axes, turned = pretrain_tower.axis_targets(anns, GRID_CELLS)
+    seen = set()
+    for i, ann in enumerate(anns):
+        for cell, k in enumerate(cell_objects(ann, GRID_CELLS)):
+            has_axis = k >= 0 and ann["objects"][k]["class"] != "storage tank"
+            assert bool(turned[i, cell]) == has_axis
+            if has_axis:
+                phi = math.radians(ann["objects"][k]["direction"])
+                torch.testing.assert_close(axes[i, cell], torch.tensor([math.cos(2 * phi), math.sin(2 * phi)]))
+                seen.add(ann["objects"][k]["class"])
+    assert seen >= {"plane", "ship", "vehicle", "building"}
+    as_axis = lambda deg: torch.tensor([[math.cos(math.radians(2 * d)), math.sin(math.radians(2 * d))] for d in deg])
+    errors = pretrain_tower.axis_error_deg(as_axis([179.0, 90.0, 30.0]), as_axis([1.0, 0.0, 210.0]))
+    torch.testing.assert_close(errors, torch.tensor([2.0, 90.0, 0.0]), atol=1e-4, rtol=0)
+    logits = torch.zeros(len(anns), GRID_CELLS * GRID_CELLS, 5, pretrain_tower.BOX_VALUES)
+    step, uncovered = 100 / GRID_CELLS, 0
+    for i, ann in enumerate(anns):
+        cells = cell_objects(ann, GRID_CELLS)
+        for k, obj in enumerate(ann["objects"]):
+            x1, y1, x2, y2, _ = obj["grid"]
+            mine = [c for c, owner in enumerate(cells) if owner == k]
+            if not mine:  # a small vehicle covers too little of any cell: it is read off its centre's patch
+                mine, uncovered = [int((y1 + y2) / 2 // step) * GRID_CELLS + int((x1 + x2) / 2 // step)], uncovered + 1
+                assert cells[mine[0]] == -1
+            for c in mine:
+                logits[i, c, range(5), torch.tensor(obj["grid"]).round().long()] = 1.0
+    assert uncovered > 0
+    hits = pretrain_tower.object_box_hits(logits, anns, GRID_CELLS)
+    assert sum(n for n, _ in hits.values()) == sum(len(a["objects"]) for a in anns) > 40
+    assert all(n == h for n, h in hits.values())
+    shifted = torch.zeros_like(logits)
+    shifted[..., :4, 10:] = logits[..., :4, :-10]  # every corner 10 grid units on (the angle's choice unchanged)
+    shifted[..., 4, :] = logits[..., 4, :]
+    assert all(h == 0 for _, h in pretrain_tower.object_box_hits(shifted, anns, GRID_CELLS).values())
+
+
+def test_per_object_weights_give_every_object_the_same_weight_in_the_box_terms():
+    """object_patch_weights: 1 / the patches of each patch's object, 0 on ground (render's scenes against
+    cell_objects); patch_loss with them is the class loss plus the box terms averaged per object, where without them
+    an object of ten patches weighs ten times an object of one."""
+    _, classes, boxes, anns, _ = pretrain_tower.render(0, 1, 12, 128, GRID_CELLS)
+    weights = pretrain_tower.object_patch_weights(classes, boxes)
+    for i, ann in enumerate(anns):
+        cells = cell_objects(ann, GRID_CELLS)
+        for cell, k in enumerate(cells):
+            assert weights[i, cell].item() == pytest.approx(0.0 if k < 0 else 1 / cells.count(k))
+    torch.manual_seed(0)
+    feats, classes = torch.randn(1, 4, 16), torch.tensor([[2, 2, 4, 0]])  # a two-patch ship, a one-patch vehicle
+    cell_boxes = torch.zeros(1, 4, 5)
+    cell_boxes[0, :2] = torch.tensor([0.2, 0.3, 0.5, 0.4, 0.3])
+    cell_boxes[0, 2] = torch.tensor([0.7, 0.7, 0.8, 0.75, 0.5])
+    head = torch.nn.Linear(16, pretrain_tower.HEAD_OUTPUTS)
+    weights = pretrain_tower.object_patch_weights(classes, cell_boxes)
+    assert weights.tolist() == [[0.5, 0.5, 1.0, 0.0]]
+    plain = pretrain_tower.patch_loss(head, feats, classes, cell_boxes)
+    balanced = pretrain_tower.patch_loss(head, feats, classes, cell_boxes, patch_weights=weights)
+    per_patch = [pretrain_tower.patch_loss(head, feats[:, [c]], classes[:, [c]], cell_boxes[:, [c]]) for c in range(3)]
+    cls = [torch.nn.functional.cross_entropy(head(feats[0, [c]])[:, :pretrain_tower.N_CLASSES], classes[0, [c]])
+           for c in range(3)]
+    box_terms = [loss - c for loss, c in zip(per_patch, cls)]  # each object patch's box terms alone
+    class_loss = plain - sum(box_terms) / 3
+    torch.testing.assert_close(balanced, class_loss + ((box_terms[0] + box_terms[1]) / 2 + box_terms[2]) / 2)
+
+
 def test_count_and_angle_options_are_recorded_and_their_defaults_leave_the_tower_as_before(tmp_path):
     """--count-weight 0 and --angle-weight 1 (the defaults) train the very tower of a run without the options; a
     positive count weight, or a wrapped and weighted angle, changes it, and each is recorded with its metrics."""
     (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_dict()))
     towers = {}
-    for name, extra in (("plain", []), ("zero", ["--count-weight", "0", "--angle-weight", "1"]),
-                        ("counts", ["--count-weight", "1"]), ("angle", ["--wrap-angle", "--angle-weight", "5"])):
+    for name, extra in (("plain", []), ("zero", ["--count-weight", "0", "--angle-weight", "1", "--axis-weight", "0"]),
+                        ("counts", ["--count-weight", "1"]), ("angle", ["--wrap-angle", "--angle-weight", "5"]),
+                        ("axis", ["--axis-weight", "1"]), ("per_object", ["--per-object"])):
         pretrain_tower.main(["--config", str(tmp_path / "config.json"), "--out", str(tmp_path / name), "--n-train", "8",
                              "--n-test", "4", "--steps", "3", "--batch-size", "4", "--object-scale", "2.5", *extra])
         towers[name] = load_file(str(tmp_path / name / "model.safetensors"))  # 2.5: objects that cover patch centres
     assert all(torch.equal(towers["plain"][k], towers["zero"][k]) for k in towers["plain"])
     assert not all(torch.equal(towers["plain"][k], towers["counts"][k]) for k in towers["plain"])
     assert not all(torch.equal(towers["plain"][k], towers["angle"][k]) for k in towers["plain"])
+    assert not all(torch.equal(towers["plain"][k], towers["axis"][k]) for k in towers["plain"])
+    assert not all(torch.equal(towers["plain"][k], towers["per_object"][k]) for k in towers["plain"])
+    assert json.loads((tmp_path / "per_object" / "pretrain_metrics.json").read_text())["per_object"] is True
+    axis = json.loads((tmp_path / "axis" / "pretrain_metrics.json").read_text())
+    assert axis["axis_weight"] == 1.0 and 0.0 <= axis["axis_error_deg"] <= 90.0
     angle = json.loads((tmp_path / "angle" / "pretrain_metrics.json").read_text())
     assert angle["angle_weight"] == 5.0 and angle["wrap_angle"] is True and 0.0 <= angle["angle_value_error_deg"] <= 45.0
     metrics = json.loads((tmp_path / "counts" / "pretrain_metrics.json").read_text())
     assert metrics["count_weight"] == 1.0 and 0.0 <= metrics["patch_count_acc"] <= metrics["patch_presence_acc"] <= 1.0
     plain = json.loads((tmp_path / "plain" / "pretrain_metrics.json").read_text())
     assert "patch_count_acc" not in plain and "angle_weight" not in plain and "wrap_angle" not in plain
+    assert "axis_weight" not in plain and "axis_error_deg" not in plain and "per_object" not in plain
+    assert 0.0 <= plain["object_box_iou50"] <= 1.0
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +296,7 @@ def test_cosine_tower_trains_and_records_its_schedule(tmp_path):
     (["--object-scale", "9"], "--object-scale must be in"),
     (["--count-weight", "-1"], "--count-weight must be >= 0"),
     (["--angle-weight", "-1"], "--angle-weight must be >= 0"),
+    (["--axis-weight", "-1"], "--axis-weight must be >= 0"),
     (["--config", "nope"], "neither a known config"),
 ])
 def test_pretrain_tower_refuses_bad_input(tmp_path, capsys, argv, message):
