@@ -204,7 +204,7 @@ def evaluate(tower, head, images, classes, boxes, batch=64, count_head=None, cou
     (modulo 90, storage tanks left out). With a count head, also how often a
     single patch's count choice is right (each class of each scene, every patch) and how often its presence is.
     With the scenes' annotations, the share of objects whose box from the value choices passes IoU 0.5, in all and
-    per class (object_box_hits); with an axis head, its mean error in degrees modulo 180 (axis_targets)."""
+    per class (object_box_hits), and with an axis head too, its mean error in degrees modulo 180 (axis_targets)."""
     preds, regs, value_logits, count_picks, axis_preds = [], [], [], [], []
     for a in range(0, len(images), batch):
         feats = tower(images[a:a + batch].float())  # (b, P, width)
@@ -236,7 +236,7 @@ def evaluate(tower, head, images, classes, boxes, batch=64, count_head=None, cou
         hits = object_box_hits(logits, anns, int(math.isqrt(classes.shape[1])))
         metrics["object_box_iou50"] = sum(h for _, h in hits.values()) / max(1, sum(n for n, _ in hits.values()))
         metrics.update({f"object_box_iou50_{cls.replace(' ', '_')}": h / n for cls, (n, h) in hits.items() if n})
-    if axis_head is not None:
+    if axis_head is not None and anns is not None:
         axes, turned = axis_targets(anns, int(math.isqrt(classes.shape[1])))
         metrics["axis_error_deg"] = axis_error_deg(torch.cat(axis_preds)[turned], axes[turned]).mean().item()
     return metrics

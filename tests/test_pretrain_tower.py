@@ -172,8 +172,9 @@ def test_per_object_weights_give_every_object_the_same_weight_in_the_box_terms()
 
 
 def test_count_and_angle_options_are_recorded_and_their_defaults_leave_the_tower_as_before(tmp_path):
-    """--count-weight 0 and --angle-weight 1 (the defaults) train the very tower of a run without the options; a
-    positive count weight, or a wrapped and weighted angle, changes it, and each is recorded with its metrics."""
+    """--count-weight 0, --angle-weight 1 and --axis-weight 0 (the defaults) train the very tower of a run without the
+    options; a positive count or axis weight, a wrapped and weighted angle, or --per-object changes it, and each is
+    recorded with its metrics (every tower's with object_box_iou50)."""
     (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_dict()))
     towers = {}
     for name, extra in (("plain", []), ("zero", ["--count-weight", "0", "--angle-weight", "1", "--axis-weight", "0"]),
