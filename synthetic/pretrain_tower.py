@@ -102,10 +102,11 @@ def value_targets(boxes: torch.Tensor, wrap_angle: bool = False) -> torch.Tensor
     return target / target.sum(-1, keepdim=True)
 
 
-def angle_error_deg(angle: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """Elementwise error in degrees modulo 90 between box angles (a box turned by 90 is itself with its sides swapped)."""
-    miss = (angle - truth).abs() % ANGLE_RANGE
-    return torch.minimum(miss, ANGLE_RANGE - miss)
+def angle_error_deg(angle: torch.Tensor, truth: torch.Tensor, period: float = ANGLE_RANGE) -> torch.Tensor:
+    """Elementwise error in degrees modulo `period` between angles: 90 for box angles (a box turned by 90 is itself
+    with its sides swapped), 180 for headings (axis_error_deg)."""
+    miss = (angle - truth).abs() % period
+    return torch.minimum(miss, period - miss)
 
 
 def patch_loss(head, feats, classes, boxes, angle_weight=1.0, wrap_angle=False, patch_weights=None):
@@ -166,8 +167,8 @@ def axis_loss(axis_head, feats, axes, turned):
 
 def axis_error_deg(pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """Elementwise error in degrees modulo 180 between axes given as (cos 2φ, sin 2φ) rows."""
-    miss = (torch.atan2(pred[:, 1], pred[:, 0]) - torch.atan2(truth[:, 1], truth[:, 0])).abs() % (2 * math.pi)
-    return torch.rad2deg(torch.minimum(miss, 2 * math.pi - miss)) / 2
+    heading = lambda axis: torch.rad2deg(torch.atan2(axis[:, 1], axis[:, 0])) / 2  # (n,) φ in (-90, 90]
+    return angle_error_deg(heading(pred), heading(truth), period=180.0)
 
 
 def object_box_hits(value_logits: torch.Tensor, anns, grid: int) -> dict:
@@ -232,12 +233,13 @@ def evaluate(tower, head, images, classes, boxes, batch=64, count_head=None, cou
         count_pick, truth_counts = torch.cat(count_picks), counts[:, None, :]  # (n, P, classes), (n, 1, classes)
         metrics["patch_count_acc"] = (count_pick == truth_counts).float().mean().item()
         metrics["patch_presence_acc"] = ((count_pick > 0) == (truth_counts > 0)).float().mean().item()
+    grid = math.isqrt(classes.shape[1])
     if anns is not None:
-        hits = object_box_hits(logits, anns, int(math.isqrt(classes.shape[1])))
+        hits = object_box_hits(logits, anns, grid)
         metrics["object_box_iou50"] = sum(h for _, h in hits.values()) / max(1, sum(n for n, _ in hits.values()))
         metrics.update({f"object_box_iou50_{cls.replace(' ', '_')}": h / n for cls, (n, h) in hits.items() if n})
     if axis_head is not None and anns is not None:
-        axes, turned = axis_targets(anns, int(math.isqrt(classes.shape[1])))
+        axes, turned = axis_targets(anns, grid)
         metrics["axis_error_deg"] = axis_error_deg(torch.cat(axis_preds)[turned], axes[turned]).mean().item()
     return metrics
 
